@@ -1,0 +1,61 @@
+"""Shared fixtures: the parity checkpoint written by the published implementation, and tiny random models."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from unimedvl_core.config import UniMedVLConfig, VAEConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PARITY = FIXTURES / "parity"
+PARITY_CKPT = PARITY / "tiny_s0"
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides) -> UniMedVLConfig:
+    """A model of the released architecture at a tiny size (as in transformers' model testers)."""
+    llm = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=652, rms_norm_eps=1e-6, rope_theta=1e6, hidden_act="silu",
+               max_position_embeddings=32768, tie_word_embeddings=False)
+    vit = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+               num_hidden_layers=3, patch_size=14, image_size=980, num_channels=3, hidden_act="gelu_pytorch_tanh",
+               layer_norm_eps=1e-6, attention_dropout=0.0)
+    llm.update(overrides.pop("llm", {}))
+    vae = VAEConfig(resolution=64, ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=1, z_channels=4)
+    return UniMedVLConfig(llm=llm, vit=vit, vae=vae, **overrides)
+
+
+def random_model(seed: int = 0, **config_overrides):
+    from unimedvl_core import UniMedVL
+
+    # llm2vae random (not zero) so that guidance and sampler tests see real velocities.
+    return UniMedVL.from_config(tiny_config(**config_overrides), PARITY_CKPT, seed=seed, zero_llm2vae=False)
+
+
+@pytest.fixture(scope="session")
+def parity_model():
+    from unimedvl_core import UniMedVL
+
+    return UniMedVL.from_pretrained(PARITY_CKPT, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    model = random_model()
+    model.progress = False
+    return model
+
+
+@pytest.fixture
+def parity_copy(tmp_path) -> Path:
+    """A writable copy of the parity checkpoint for tests that alter files."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(PARITY_CKPT, dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    return dst

@@ -1,0 +1,27 @@
+"""UniMedVL for MONAI and 3D Slicer: the model, medical image I/O, the CLI.
+
+Names are imported on first use, so that light users (e.g. an HTTP client in Slicer) do not pay for
+importing transformers and diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "UniMedVL": "model", "CounterfactualResult": "model",
+    "UniMedVLConfig": "config", "VAEConfig": "config",
+    "MedicalImage": "medical_io", "ImageReadError": "medical_io", "read_image": "medical_io",
+    "read_slices": "medical_io",
+    "load_model": "defaults", "load_default_model": "defaults",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'unimedvl_core' has no attribute {name!r}")

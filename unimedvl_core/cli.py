@@ -1,0 +1,296 @@
+"""The ``unimedvl`` command line.
+
+    unimedvl vqa --image chest.dcm --question "Is there a pleural effusion?" [--ckpt DIR]
+    unimedvl report --image chest.dcm
+    unimedvl generate --prompt "Axial CT of the chest with two nodules" --out ct.png
+    unimedvl edit --image t2.nii.gz --instruction "..." --out flair.png
+    unimedvl super-resolution | stain | translate | counterfactual ...
+    unimedvl demo
+
+Without ``--ckpt`` the embedded default model is used. Image outputs are PNG files labelled as synthetic,
+plus DICOM Secondary Capture objects in the source study when the input was DICOM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom.uid import generate_uid
+
+from . import __version__
+from .defaults import load_model
+from .dicom_output import derived_secondary_capture, write_dicom
+from .medical_io import ImageReadError, MedicalImage, read_slices
+from .synthetic import save_png
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("unimedvl")
+
+
+def _window(text: str | None):
+    if text is None:
+        return None
+    if "," in text:
+        centre, width = text.split(",", 1)
+        return float(centre), float(width)
+    return text
+
+
+def _slices(text: str | None) -> list[int] | None | str:
+    """None (middle slice), "all", or a list of indices from "N" or "A:B" (B exclusive)."""
+    if text is None or text == "all":
+        return text
+    if ":" in text:
+        a, b = text.split(":", 1)
+        return list(range(int(a), int(b)))
+    return [int(text)]
+
+
+def _read_inputs(args) -> list[MedicalImage]:
+    sel = _slices(args.slices)
+    frames = None if sel in (None, "all") else sel
+    return read_slices(args.image, frames=frames, window=_window(args.window), series_uid=args.series_uid,
+                       middle_only=sel is None)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", type=Path, help="checkpoint folder in the released layout (default: embedded model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    p.add_argument("--device-map", default=None, help="'auto' to spread over GPUs / offload (accelerate)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI")
+    p.add_argument("--slices", default=None, help="slice/frame of a volume: N, A:B or all (default: middle)")
+    p.add_argument("--window", default=None, help="CENTRE,WIDTH or a preset (soft_tissue, lung, bone, brain...)")
+    p.add_argument("--series-uid", default=None, help="series to read when a folder holds several")
+
+
+def _add_generation_args(p: argparse.ArgumentParser, img_default: float, interval_default: str,
+                         renorm_default: str) -> None:
+    p.add_argument("--steps", type=int, default=49, help="velocity evaluations (49 = the reference's 50 timesteps)")
+    p.add_argument("--cfg-text", type=float, default=4.0)
+    p.add_argument("--cfg-img", type=float, default=img_default)
+    p.add_argument("--cfg-interval", default=interval_default, help="START,END on the flow time")
+    p.add_argument("--timestep-shift", type=float, default=3.0)
+    p.add_argument("--renorm", default=renorm_default, choices=["global", "channel", "text_channel"])
+    p.add_argument("--renorm-min", type=float, default=0.0)
+
+
+def _add_output_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--out", type=Path, default=Path(default),
+                   help="output PNG path (a folder when several slices are processed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unimedvl", description="UniMedVL: read and make medical images.")
+    parser.add_argument("--version", action="version", version=f"unimedvl-core {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="describe the model")
+    _add_model_args(p)
+
+    for name, help_text in (("vqa", "answer a question about an image"), ("report", "draft a report")):
+        p = sub.add_parser(name, help=help_text)
+        _add_model_args(p)
+        _add_image_args(p)
+        if name == "vqa":
+            p.add_argument("--question", required=True)
+        else:
+            p.add_argument("--prompt", default=None, help="override the report prompt")
+        p.add_argument("--max-new-tokens", type=int, default=512)
+        p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--json", type=Path, default=None, help="also write the answers to this JSON file")
+
+    p = sub.add_parser("generate", help="text-to-image")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    _add_generation_args(p, 1.0, "0.4,1.0", "global")
+    _add_output_args(p, "generated.png")
+
+    edits = {
+        "edit": "image-to-image from an instruction",
+        "super-resolution": "x2/x4 super-resolution",
+        "stain": "virtual staining (H&E to IHC)",
+        "translate": "MRI contrast translation (e.g. T2 to FLAIR)",
+        "counterfactual": "counterfactual edit with its explanation",
+    }
+    for name, help_text in edits.items():
+        p = sub.add_parser(name, help=help_text)
+        _add_model_args(p)
+        _add_image_args(p)
+        if name in ("edit", "counterfactual"):
+            p.add_argument("--instruction", required=True)
+        else:
+            p.add_argument("--instruction", default=None, help="override the task's instruction")
+        if name == "super-resolution":
+            p.add_argument("--scale", type=int, default=4, choices=[2, 4])
+        if name == "stain":
+            p.add_argument("--stain", default="IHC")
+        if name == "translate":
+            p.add_argument("--source", default="T2")
+            p.add_argument("--target", default="FLAIR")
+        if name == "edit":
+            p.add_argument("--height", type=int, default=None)
+            p.add_argument("--width", type=int, default=None)
+            p.add_argument("--analyze-first", action="store_true", help="describe an editing strategy first")
+        p.add_argument("--vae-posterior", default="mean", choices=["mean", "sample"])
+        _add_generation_args(p, 2.0, "0.0,1.0", "text_channel")
+        _add_output_args(p, f"{name}.png")
+
+    p = sub.add_parser("demo", help="run every task on the embedded default model and write the results")
+    _add_model_args(p)
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"))
+    p.add_argument("--steps", type=int, default=20)
+    return parser
+
+
+def _generation_kwargs(args) -> dict:
+    lo, hi = (float(v) for v in args.cfg_interval.split(","))
+    return dict(num_inference_steps=args.steps, cfg_text_scale=args.cfg_text, cfg_img_scale=args.cfg_img,
+                cfg_interval=(lo, hi), timestep_shift=args.timestep_shift, cfg_renorm_type=args.renorm,
+                cfg_renorm_min=args.renorm_min, progress=not args.no_progress)
+
+
+def _load(args):
+    model = load_model(args.ckpt, device=args.device, dtype=args.dtype, progress=not args.no_progress,
+                       **({"weights": args.weights, "device_map": args.device_map} if args.ckpt else {}))
+    model.progress = not args.no_progress
+    return model
+
+
+def _write_image_outputs(image, source: MedicalImage, out: Path, task: str, description: str,
+                         series_uid: str, instance: int) -> list[Path]:
+    written = [save_png(image, out.with_suffix(".png"))]
+    if source.dataset is not None:
+        ds = derived_secondary_capture(np.asarray(image), source, task, description, series_uid, series_number=9900,
+                                       instance_number=instance)
+        written.append(write_dicom(ds, out.with_suffix(".dcm")))
+    return written
+
+
+def _text_task(args, model) -> int:
+    sources = _read_inputs(args)
+    results = []
+    for src in sources:
+        kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                      top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed))
+        if args.command == "vqa":
+            text = model.answer(src, args.question, **kwargs)
+        else:
+            text = model.generate_report(src, prompt=args.prompt, modality=src.modality, **kwargs)
+        results.append({"source": src.source, "slice": src.frame, "text": text})
+        prefix = f"[slice {src.frame}] " if len(sources) > 1 else ""
+        print(prefix + text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": model.name, "task": args.command, "results": results}, indent=2))
+    return 0
+
+
+def _image_task(args, model) -> int:
+    sources = _read_inputs(args)
+    gen = _generation_kwargs(args)
+    series_uid = generate_uid()
+    several = len(sources) > 1
+    for i, src in enumerate(sources):
+        generator = torch.Generator().manual_seed(args.seed + i)
+        common = dict(generator=generator, vae_posterior=args.vae_posterior, **gen)
+        explanation = None
+        if args.command == "edit":
+            image = model.edit_image(src, args.instruction, height=args.height, width=args.width,
+                                     analyze_first=args.analyze_first, **common)
+        elif args.command == "super-resolution":
+            image = model.super_resolve(src, scale=args.scale, instruction=args.instruction, **common)
+        elif args.command == "stain":
+            image = model.virtual_stain(src, stain=args.stain, instruction=args.instruction, **common)
+        elif args.command == "translate":
+            image = model.translate_contrast(src, source=args.source, target=args.target,
+                                             instruction=args.instruction, **common)
+        else:
+            result = model.counterfactual_edit(src, args.instruction, **common)
+            image, explanation = result.image, result.explanation
+        out = args.out / f"slice_{src.frame:04d}.png" if several else args.out
+        for path in _write_image_outputs(image, src, out, args.command, image.info.get("Description", ""),
+                                         series_uid, instance=i + 1):
+            print(f"wrote {path}")
+        if explanation is not None:
+            out.with_suffix(".txt").write_text(explanation + "\n")
+            print(f"explanation: {explanation}")
+    return 0
+
+
+def _generate(args, model) -> int:
+    image = model.generate_image(args.prompt, height=args.height, width=args.width,
+                                 generator=torch.Generator().manual_seed(args.seed), **_generation_kwargs(args))
+    print(f"wrote {save_png(image, args.out)}")
+    return 0
+
+
+def _demo(args, model) -> int:
+    """Every task once on a bundled DICOM CT slice, outputs in one folder with a summary."""
+    from pydicom.data import get_testdata_file
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    ct = read_slices(get_testdata_file("CT_small.dcm"))[0]
+    steps = dict(num_inference_steps=args.steps, progress=not args.no_progress)
+    summary = {"model": model.name, "trained": "randomly initialised" not in model.name, "outputs": {}}
+    t0 = time.perf_counter()
+    summary["outputs"]["vqa"] = model.answer(ct, "Is there a lesion in this image?", max_new_tokens=24)
+    summary["outputs"]["report"] = model.generate_report(ct, modality=ct.modality, max_new_tokens=48)
+    series = generate_uid()
+    t2i = model.generate_image("Axial CT of the chest with two nodules", generator=torch.Generator().manual_seed(0),
+                               **steps)
+    summary["outputs"]["text_to_image"] = str(save_png(t2i, out / "text_to_image.png"))
+    tasks = {
+        "super_resolution": lambda g: model.super_resolve(ct.to_pil().resize((64, 64)), scale=2, generator=g, **steps),
+        "edit": lambda g: model.edit_image(ct, "Remove the lesion from this CT image.", generator=g, **steps),
+    }
+    for name, run in tasks.items():
+        image = run(torch.Generator().manual_seed(0))
+        paths = _write_image_outputs(image, ct, out / name, name, image.info.get("Description", ""), series, 1) \
+            if name == "edit" else [save_png(image, out / f"{name}.png")]
+        summary["outputs"][name] = [str(p) for p in paths]
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for key, value in summary["outputs"].items():
+        print(f"{key}: {value}")
+    print(f"wrote {out / 'summary.json'} ({summary['seconds']} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        model = _load(args)
+        if args.command == "info":
+            print(model)
+            print(json.dumps(model.config.to_dict(), indent=2))
+            return 0
+        handlers = {"vqa": _text_task, "report": _text_task, "generate": _generate, "demo": _demo}
+        return handlers.get(args.command, _image_task)(args, model)
+    except (ImageReadError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

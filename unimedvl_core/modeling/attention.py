@@ -1,0 +1,115 @@
+"""Attention kernels and the masks of the packed sequence.
+
+Two ways to attend share one call shape ``attend(layer_idx, q, k, v) -> out`` with q of shape
+(B, Hq, Lq, d) and k, v of shape (B, Hkv, Lq, d) for the new tokens:
+
+- ``DenseAttention``: training packs, no cache, an explicit boolean mask (spec 3.7).
+- ``CachedAttention``: inference; the new keys are written into a preallocated ``KVCache`` and every query
+  sees its row's cached keys plus the new keys (all of them, or causally).
+
+PyTorch SDPA is the default kernel; flash-attn is used on CUDA for half-precision caches when installed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+
+__all__ = ["sdpa", "DenseAttention", "CachedAttention", "packed_attention_mask", "SPLIT_CAUSAL", "SPLIT_FULL",
+           "SPLIT_NOISE", "flash_attn_available"]
+
+SPLIT_CAUSAL = "causal"
+SPLIT_FULL = "full"
+SPLIT_NOISE = "noise"
+
+try:  # optional fast path on CUDA
+    from flash_attn import flash_attn_with_kvcache as _flash_attn_with_kvcache
+except Exception:  # ImportError, or a broken CUDA build
+    _flash_attn_with_kvcache = None
+
+
+def flash_attn_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return _flash_attn_with_kvcache is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention, scale 1/sqrt(d), grouped-query heads; ``mask`` is additive (0 / -inf) or boolean
+    (True = may attend)."""
+    if mask is not None and mask.device != q.device:
+        mask = mask.to(q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+class DenseAttention:
+    def __init__(self, mask: torch.Tensor | None):
+        self.mask = mask
+
+    def __call__(self, layer_idx: int, q, k, v):
+        return sdpa(q, k, v, self.mask)
+
+
+class CachedAttention:
+    """Attend over a KV cache row plus the new tokens; write the new keys into the cache.
+
+    With ``causal=True`` query i sees the cached keys and new keys 0..i (bottom-right aligned, as
+    flash-attn does with a cache); otherwise every new key. The cache lengths are not advanced here:
+    the caller decides with ``KVCache.advance`` whether the new tokens stay (prefill, decoding) or are
+    overwritten next time (denoising queries never enter the cache, spec 3.9).
+    """
+
+    def __init__(self, cache: KVCache, query_len: int, causal: bool, rows: int | None = None):
+        self.cache = cache
+        self.rows = cache.batch if rows is None else rows
+        self.query_len = query_len
+        self.causal = causal
+        self.use_flash = flash_attn_available(cache.device, cache.dtype)
+        self.mask = None if self.use_flash else cache.query_mask(query_len, causal, self.rows)
+
+    def __call__(self, layer_idx: int, q, k, v):
+        if self.use_flash:
+            kc, vc = self.cache.layer_buffers(layer_idx, self.rows)
+            out = _flash_attn_with_kvcache(
+                q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), k=k.transpose(1, 2).contiguous(),
+                v=v.transpose(1, 2).contiguous(), cache_seqlens=self.cache.lengths_tensor(self.rows),
+                causal=self.causal)
+            return out.transpose(1, 2)
+        keys, values = self.cache.write(layer_idx, k, v, self.rows)
+        return sdpa(q, keys, values, self.mask)
+
+
+def packed_attention_mask(split_lens: Sequence[int], split_modes: Sequence[str], device=None) -> torch.Tensor:
+    """Boolean (L, L) mask of one packed sample (spec 3.7); True = the query (row) may see the key (column).
+
+    - a query sees every earlier token of the sample; inside its own split it sees earlier-or-equal tokens
+      (``causal``) or all tokens (``full`` and ``noise``);
+    - tokens of a ``noise`` split are invisible to every query outside that split.
+    """
+    if len(split_lens) != len(split_modes):
+        raise ValueError("split_lens and split_modes differ in length")
+    total = int(sum(split_lens))
+    mask = torch.tril(torch.ones(total, total, dtype=torch.bool, device=device))
+    start = 0
+    for length, mode in zip(split_lens, split_modes):
+        end = start + int(length)
+        if mode in (SPLIT_FULL, SPLIT_NOISE):
+            mask[start:end, start:end] = True
+        elif mode != SPLIT_CAUSAL:
+            raise ValueError(f"unknown split mode {mode!r}")
+        if mode == SPLIT_NOISE:
+            mask[:start, start:end] = False
+            mask[end:, start:end] = False
+        start = end
+    return mask
+
+
+def block_diagonal(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Samples of a pack never see each other."""
+    return torch.block_diag(*masks).bool() if len(masks) > 1 else masks[0]

@@ -1,0 +1,160 @@
+"""Qwen2 mixture-of-transformers decoder (spec 3.6).
+
+Each layer holds two experts with identical shapes: the understanding expert (text and ViT tokens; the
+plain Qwen2 names ``q_proj``, ``mlp``, ...) and the generation expert (VAE latent tokens; the same names
+with ``_moe_gen``). Both experts attend jointly over the whole sequence. Which rows use which expert is an
+``ExpertRouting``; norms, rotary embedding and MLP are the transformers Qwen2 modules, which match the
+reference bit for bit (LIBRARY_FACTS section 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2MLP,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+__all__ = ["ExpertRouting", "MoTAttention", "MoTDecoderLayer", "Qwen2MoTModel", "Qwen2MoTForCausalLM"]
+
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ExpertRouting:
+    """Positions (along the sequence axis) of the understanding and generation rows.
+
+    ``gen is None`` means every row uses the understanding expert (text and ViT prefill, decoding).
+    """
+
+    und: torch.Tensor | None = None
+    gen: torch.Tensor | None = None
+
+    @classmethod
+    def understanding(cls) -> "ExpertRouting":
+        return cls()
+
+    @classmethod
+    def from_gen_mask(cls, gen_mask: torch.Tensor) -> "ExpertRouting":
+        if not bool(gen_mask.any()):
+            return cls()
+        return cls(und=torch.nonzero(~gen_mask).squeeze(1), gen=torch.nonzero(gen_mask).squeeze(1))
+
+    def apply(self, x: torch.Tensor, und_fn: Callable, gen_fn: Callable) -> torch.Tensor:
+        """Run ``und_fn`` on understanding rows and ``gen_fn`` on generation rows of x (rows = dim 1)."""
+        if self.gen is None:
+            return und_fn(x)
+        gen, und = self.gen.to(x.device), self.und.to(x.device)  # no-ops unless layers sit on several devices
+        gen_out = gen_fn(x[:, gen])
+        und_out = und_fn(x[:, und])
+        out = gen_out.new_empty(x.shape[:2] + gen_out.shape[2:])
+        out[:, gen] = gen_out
+        out[:, und] = und_out.to(gen_out.dtype)
+        return out
+
+
+class MoTAttention(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        eps = config.rms_norm_eps
+        for suffix in ("", "_moe_gen"):
+            setattr(self, "q_proj" + suffix, nn.Linear(hidden, q_dim, bias=True))
+            setattr(self, "k_proj" + suffix, nn.Linear(hidden, kv_dim, bias=True))
+            setattr(self, "v_proj" + suffix, nn.Linear(hidden, kv_dim, bias=True))
+            setattr(self, "o_proj" + suffix, nn.Linear(q_dim, hidden, bias=False))
+            setattr(self, "q_norm" + suffix, Qwen2RMSNorm(self.head_dim, eps=eps))
+            setattr(self, "k_norm" + suffix, Qwen2RMSNorm(self.head_dim, eps=eps))
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, routing: ExpertRouting,
+                attend: AttendFn) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+
+        def heads(n):
+            return lambda t: t.view(batch, -1, n, self.head_dim)
+
+        q = routing.apply(hidden, self.q_proj, self.q_proj_moe_gen)
+        k = routing.apply(hidden, self.k_proj, self.k_proj_moe_gen)
+        v = routing.apply(hidden, self.v_proj, self.v_proj_moe_gen)
+        q = routing.apply(heads(self.num_heads)(q), self.q_norm, self.q_norm_moe_gen)
+        k = routing.apply(heads(self.num_kv_heads)(k), self.k_norm, self.k_norm_moe_gen)
+        v = heads(self.num_kv_heads)(v)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=1)
+        out = attend(self.layer_idx, q, k, v.transpose(1, 2).to(q.dtype))
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return routing.apply(out, self.o_proj, self.o_proj_moe_gen)
+
+
+class MoTDecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = MoTAttention(config, layer_idx)
+        self.mlp = Qwen2MLP(config)
+        self.mlp_moe_gen = Qwen2MLP(config)
+        eps = config.rms_norm_eps
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=eps)
+        self.input_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=eps)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, routing: ExpertRouting,
+                attend: AttendFn) -> torch.Tensor:
+        normed = routing.apply(hidden, self.input_layernorm, self.input_layernorm_moe_gen)
+        hidden = hidden + self.self_attn(normed, cos, sin, routing, attend)
+        normed = routing.apply(hidden, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
+        return hidden + routing.apply(normed, self.mlp, self.mlp_moe_gen)
+
+
+class Qwen2MoTModel(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MoTDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, routing: ExpertRouting,
+                attend: AttendFn) -> torch.Tensor:
+        """inputs_embeds (B, L, H), position_ids (B, L) -> final hidden states (B, L, H) after the
+        expert-specific final norm."""
+        cos, sin = self.rotary_emb(inputs_embeds, position_ids)
+        hidden = inputs_embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden = checkpoint(layer, hidden, cos, sin, routing, attend, use_reentrant=False)
+            else:
+                hidden = layer(hidden, cos, sin, routing, attend)
+        return routing.apply(hidden, self.norm, self.norm_moe_gen)
+
+
+class Qwen2MoTForCausalLM(nn.Module):
+    """Backbone plus the untied text head; the key layout of ``language_model.*`` in the checkpoint."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2MoTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def init_moe(self) -> None:
+        """Copy every understanding-expert weight into its generation twin (fresh training from a VLM)."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, param in params.items():
+                if "_moe_gen" in name:
+                    param.copy_(params[name.replace("_moe_gen", "")])

@@ -1,0 +1,96 @@
+"""The UniMedVL network: composition of the LLM, ViT and the small heads (spec 2.1).
+
+Its state dict is exactly the key set of ``ema.safetensors``; the VAE, whose weights live in
+``ae.safetensors``, is a separate diffusers module held next to it. This module holds the math only: how
+each kind of token is embedded and how a sequence runs through the mixture-of-transformers. Prompt
+framing, caches and samplers live in ``unimedvl_core.inference``; the user-facing API is
+``unimedvl_core.UniMedVL``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import UniMedVLConfig
+from .embeddings import MLPConnector, PositionEmbedding, TimestepEmbedder, grid_position_ids
+from .qwen2_mot import ExpertRouting, Qwen2MoTForCausalLM
+from .siglip_navit import SiglipNaViTModel
+
+__all__ = ["UniMedVLModel"]
+
+
+class UniMedVLModel(nn.Module):
+    def __init__(self, config: UniMedVLConfig):
+        super().__init__()
+        self.config = config
+        llm_cfg = config.qwen2_config()
+        vit_cfg = config.siglip_config()
+        hidden = llm_cfg.hidden_size
+        self.language_model = Qwen2MoTForCausalLM(llm_cfg)
+        self.vit_model = SiglipNaViTModel(vit_cfg, config.vit_max_num_patch_per_side)
+        self.connector = MLPConnector(vit_cfg.hidden_size, hidden, config.connector_act)
+        self.vit_pos_embed = PositionEmbedding(config.vit_max_num_patch_per_side, hidden)
+        self.time_embedder = TimestepEmbedder(hidden)
+        self.vae2llm = nn.Linear(config.patch_latent_dim, hidden)
+        self.llm2vae = nn.Linear(hidden, config.patch_latent_dim)
+        self.latent_pos_embed = PositionEmbedding(config.max_latent_size, hidden)
+
+    def init_weights(self, seed: int | None = None, zero_llm2vae: bool = True) -> None:
+        """Random initialisation as in Qwen2/Bagel: normal(0, initializer_range) linears and embeddings,
+        unit norms, sin-cos position tables, zero ``llm2vae`` (a fresh generator predicts zero velocity)."""
+        std = float(self.config.llm.get("initializer_range", 0.02))
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+                elif hasattr(module, "variance_epsilon"):  # Qwen2RMSNorm
+                    module.weight.fill_(1.0)
+            self.vit_pos_embed.reset_table()
+            self.latent_pos_embed.reset_table()
+            if zero_llm2vae:
+                self.llm2vae.weight.zero_()
+                self.llm2vae.bias.zero_()
+
+    # ----- token embeddings -----
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.language_model.model.embed_tokens
+
+    def embed_vit_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(3, H, W) images in [-1, 1] -> one (N_i, hidden) tensor of ViT tokens per image (spec 3.4)."""
+        features = self.vit_model(images)
+        p = self.config.vit_patch_size
+        out = []
+        for image, feat in zip(images, features):
+            pos = grid_position_ids(image.shape[1] // p, image.shape[2] // p, self.config.vit_max_num_patch_per_side,
+                                    feat.device)
+            out.append(self.connector(feat) + self.vit_pos_embed(pos))
+        return out
+
+    def latent_position_ids(self, h: int, w: int, device=None) -> torch.Tensor:
+        return grid_position_ids(h, w, self.config.max_latent_size, device)
+
+    def embed_latent_tokens(self, tokens: torch.Tensor, timesteps: torch.Tensor,
+                            position_ids: torch.Tensor) -> torch.Tensor:
+        """Latent tokens (N, p*p*z) at flow times t (N,) -> vae2llm(x) + time(t) + pos (spec 3.5)."""
+        x = self.vae2llm(tokens.to(self.vae2llm.weight.dtype))
+        return x + self.time_embedder(timesteps) + self.latent_pos_embed(position_ids)
+
+    # ----- the transformer over a sequence -----
+    def run_llm(self, embeds: torch.Tensor, position_ids: torch.Tensor, routing: ExpertRouting,
+                attend) -> torch.Tensor:
+        return self.language_model.model(embeds, position_ids, routing, attend)
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.lm_head(hidden)
+
+    def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of latent tokens -> predicted velocity eps - x0 (spec 3.5)."""
+        return self.llm2vae(hidden)

@@ -1,0 +1,198 @@
+"""Packed sequences: several samples, each a list of text / ViT-image / VAE-image blocks, laid out in one
+sequence with the position ids of spec 3.3, the attention rules of spec 3.7, expert routing, and the
+positions supervised by the text (CE) and velocity (MSE) losses.
+
+Training builds packs from data; tests build them to recompute, in one dense forward, what inference
+computes block by block through the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .modeling.attention import (
+    SPLIT_CAUSAL,
+    SPLIT_FULL,
+    SPLIT_NOISE,
+    DenseAttention,
+    additive_mask,
+    block_diagonal,
+    packed_attention_mask,
+)
+from .modeling.qwen2_mot import ExpertRouting
+from .modeling.unimedvl import UniMedVLModel
+from .tokenizer import SpecialTokenIds
+
+__all__ = ["PackBuilder", "Pack", "embed_pack", "forward_pack"]
+
+
+@dataclass
+class Pack:
+    length: int
+    position_ids: torch.Tensor          # (L,)
+    text_ids: torch.Tensor              # ids at text_index (text tokens and vision markers)
+    text_index: torch.Tensor
+    vit_images: list[torch.Tensor]      # (3, H, W) in [-1, 1]
+    vit_index: torch.Tensor             # positions of all ViT tokens, image after image
+    vae_tokens: torch.Tensor            # clean latent tokens (N, p*p*z) of every VAE block, concatenated
+    vae_index: torch.Tensor
+    vae_position_ids: torch.Tensor      # latent grid ids of those tokens
+    vae_timesteps: torch.Tensor         # flow time per latent token (0 = clean condition)
+    mse_index: torch.Tensor             # which of the latent tokens are supervised (noisy targets), into vae_*
+    ce_index: torch.Tensor              # positions whose next-token prediction is supervised
+    ce_labels: torch.Tensor
+    split_lens: list[list[int]]         # per sample
+    split_modes: list[list[str]]
+    vae_shapes: list[tuple[int, int]] = field(default_factory=list)
+
+    def attention_mask(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        masks = [packed_attention_mask(lens, modes, device) for lens, modes in zip(self.split_lens, self.split_modes)]
+        return additive_mask(block_diagonal(masks), dtype)[None, None]
+
+    def gen_mask(self, device=None) -> torch.Tensor:
+        mask = torch.zeros(self.length, dtype=torch.bool, device=device)
+        mask[self.vae_index.to(device)] = True
+        return mask
+
+
+class PackBuilder:
+    """Lay out samples block by block. Rope positions (spec 3.3): a text block of n ids takes n+2
+    consecutive positions; a ViT or clean VAE block takes one position; a noisy VAE block takes one position
+    that the next block reuses (training never advances past a target)."""
+
+    def __init__(self, special: SpecialTokenIds):
+        self.special = special
+        self.positions: list[int] = []
+        self.text_ids: list[int] = []
+        self.text_index: list[int] = []
+        self.vit_images: list[torch.Tensor] = []
+        self.vit_index: list[int] = []
+        self.vae_tokens: list[torch.Tensor] = []
+        self.vae_index: list[int] = []
+        self.vae_pos: list[torch.Tensor] = []
+        self.vae_t: list[torch.Tensor] = []
+        self.mse: list[int] = []
+        self.ce_index: list[int] = []
+        self.ce_labels: list[int] = []
+        self.split_lens: list[list[int]] = []
+        self.split_modes: list[list[str]] = []
+        self.vae_shapes: list[tuple[int, int]] = []
+        self.rope = 0
+        self._latent_count = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.positions)
+
+    def start_sample(self) -> None:
+        self.split_lens.append([])
+        self.split_modes.append([])
+        self.rope = 0
+
+    def _split(self, length: int, mode: str) -> None:
+        if not self.split_lens:
+            self.start_sample()
+        self.split_lens[-1].append(length)
+        self.split_modes[-1].append(mode)
+
+    def _text_token(self, token: int, position: int) -> None:
+        self.text_index.append(self.length)
+        self.text_ids.append(token)
+        self.positions.append(position)
+
+    def add_text(self, ids: list[int], loss: bool = False) -> None:
+        """``<|im_start|> ids <|im_end|>``; with ``loss`` each position predicts the next of ids + eos."""
+        block = [self.special.bos, *ids, self.special.eos]
+        start = self.length
+        for i, token in enumerate(block):
+            self._text_token(token, self.rope + i)
+        if loss:
+            targets = [*ids, self.special.eos]
+            self.ce_index.extend(range(start, start + len(targets)))
+            self.ce_labels.extend(targets)
+        self._split(len(block), SPLIT_CAUSAL)
+        self.rope += len(block)
+
+    def add_open_text(self, ids: list[int]) -> None:
+        """Tokens of a text block still being written (e.g. ``<|im_start|>`` and decoded ids), no end marker."""
+        for i, token in enumerate(ids):
+            self._text_token(token, self.rope + i)
+        self._split(len(ids), SPLIT_CAUSAL)
+        self.rope += len(ids)
+
+    def add_vit_image(self, image: torch.Tensor, patch_size: int) -> None:
+        n = (image.shape[1] // patch_size) * (image.shape[2] // patch_size)
+        self._text_token(self.special.vision_start, self.rope)
+        self.vit_index.extend(range(self.length, self.length + n))
+        self.positions.extend([self.rope] * n)
+        self.vit_images.append(image)
+        self._text_token(self.special.vision_end, self.rope)
+        self._split(n + 2, SPLIT_FULL)
+        self.rope += 1
+
+    def add_vae_image(self, tokens: torch.Tensor, h: int, w: int, position_ids: torch.Tensor,
+                      timestep: float = 0.0) -> None:
+        """Latent tokens (h*w, p*p*z) of an image: a clean condition at ``timestep`` 0, else a noisy target
+        at that flow time (its tokens get the MSE loss; nothing outside the block sees them)."""
+        n = tokens.shape[0]
+        noisy = timestep > 0
+        self._text_token(self.special.vision_start, self.rope)
+        self.vae_index.extend(range(self.length, self.length + n))
+        self.positions.extend([self.rope] * n)
+        self.vae_tokens.append(tokens)
+        self.vae_pos.append(position_ids)
+        self.vae_t.append(torch.full((n,), float(timestep)))
+        if noisy:
+            self.mse.extend(range(self._latent_count, self._latent_count + n))
+        self._latent_count += n
+        self.vae_shapes.append((h, w))
+        self._text_token(self.special.vision_end, self.rope)
+        self._split(n + 2, SPLIT_NOISE if noisy else SPLIT_FULL)
+        if not noisy:
+            self.rope += 1
+
+    def build(self) -> Pack:
+        def long(values):
+            return torch.tensor(values, dtype=torch.long)
+
+        dim = self.vae_tokens[0].shape[1] if self.vae_tokens else 0
+        return Pack(
+            length=self.length, position_ids=long(self.positions), text_ids=long(self.text_ids),
+            text_index=long(self.text_index), vit_images=self.vit_images, vit_index=long(self.vit_index),
+            vae_tokens=torch.cat(self.vae_tokens) if self.vae_tokens else torch.zeros(0, dim),
+            vae_index=long(self.vae_index),
+            vae_position_ids=torch.cat(self.vae_pos) if self.vae_pos else long([]),
+            vae_timesteps=torch.cat(self.vae_t) if self.vae_t else torch.zeros(0),
+            mse_index=long(self.mse), ce_index=long(self.ce_index), ce_labels=long(self.ce_labels),
+            split_lens=self.split_lens, split_modes=self.split_modes, vae_shapes=self.vae_shapes,
+        )
+
+
+def embed_pack(model: UniMedVLModel, pack: Pack, vae_inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """Input embeddings (L, H) of a pack. ``vae_inputs`` are the latent tokens as the model sees them
+    (x_t for noisy targets); by default the pack's clean tokens."""
+    device = model.embed_tokens.weight.device
+    embeds = model.embed_tokens(pack.text_ids.to(device))
+    out = embeds.new_zeros(pack.length, embeds.shape[-1])
+    out[pack.text_index.to(device)] = embeds
+    if pack.vit_images:
+        vit = model.embed_vit_images([img.to(device, embeds.dtype) for img in pack.vit_images])
+        out[pack.vit_index.to(device)] = torch.cat(vit).to(out.dtype)
+    if len(pack.vae_index):
+        tokens = pack.vae_tokens if vae_inputs is None else vae_inputs
+        lat = model.embed_latent_tokens(tokens.to(device), pack.vae_timesteps.to(device),
+                                        pack.vae_position_ids.to(device))
+        out[pack.vae_index.to(device)] = lat.to(out.dtype)
+    return out
+
+
+def forward_pack(model: UniMedVLModel, pack: Pack, vae_inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states (L, H) of a pack in one dense forward with the spec 3.7 mask."""
+    device = model.embed_tokens.weight.device
+    embeds = embed_pack(model, pack, vae_inputs)
+    routing = ExpertRouting.from_gen_mask(pack.gen_mask(device))
+    mask = pack.attention_mask(embeds.dtype, device)
+    hidden = model.run_llm(embeds[None], pack.position_ids.to(device)[None], routing, DenseAttention(mask))
+    return hidden[0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -88,7 +90,9 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, capsys):
 
 
 def test_console_script_runs_the_demo_on_the_embedded_default(tmp_path):
-    exe = shutil.which("unimedvl") or pytest.skip("console script not installed")
+    exe = Path(sys.executable).with_name("unimedvl")  # the script installed beside this interpreter
+    if not exe.is_file():
+        pytest.skip("console script not installed")
     result = subprocess.run([exe, "demo", "--no-progress", "--steps", "2", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

@@ -184,7 +184,7 @@ def load_vae(config: UniMedVLConfig, path: Path, dtype: torch.dtype, device: tor
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -195,25 +195,27 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
             os.remove(tmp)
 
 
-def save_checkpoint(out_dir: str | Path, config: UniMedVLConfig, model: UniMedVLModel, vae: AutoencoderKL,
-                    tokenizer, tokenizer_dir: Path | None = None, weights_name: str = WEIGHT_FILES["ema"],
-                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write the released layout: configs, ``ema.safetensors`` (or ``weights_name``), ``ae.safetensors``
-    in FLUX key names, and the tokenizer files."""
+def save_checkpoint(out_dir: str | Path, config: UniMedVLConfig, weights: dict[str, dict[str, torch.Tensor]],
+                    vae: AutoencoderKL, tokenizer=None, tokenizer_dir: Path | None = None) -> Path:
+    """Write the released layout: configs, each weights file of ``weights`` (file name -> state dict, e.g.
+    ``ema.safetensors``), ``ae.safetensors`` in FLUX key names, and the tokenizer files (copied as they are
+    from ``tokenizer_dir``, else written by ``tokenizer.save_pretrained``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise CheckpointError("cannot save a model whose weights are offloaded (meta tensors); load it onto one "
-                              "device first")
+    for state in weights.values():
+        if any(t.device.type == "meta" for t in state.values()):
+            raise CheckpointError("cannot save weights that are offloaded (meta tensors); load the model onto "
+                                  "one device first")
     config.save(out_dir)
-    atomic_save_safetensors(model.state_dict(), out_dir / weights_name)
-    for name, tensors in (extra_weights or {}).items():
-        atomic_save_safetensors(tensors, out_dir / name)
-    atomic_save_safetensors(diffusers_to_flux(vae.state_dict(), config.vae), out_dir / VAE_FILE)
-    if tokenizer_dir is not None and tokenizer_dir.resolve() != out_dir.resolve():
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, out_dir / name)
-    elif tokenizer_dir is None:
+    for name, state in weights.items():
+        atomic_save_safetensors(state, out_dir / name)
+    flux = {k: v.detach().cpu() for k, v in diffusers_to_flux(vae.state_dict(), config.vae).items()}
+    atomic_save_safetensors(flux, out_dir / VAE_FILE)
+    if tokenizer_dir is not None:
+        if tokenizer_dir.resolve() != out_dir.resolve():
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copyfile(tokenizer_dir / name, out_dir / name)
+    elif tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return out_dir

@@ -154,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
         _add_generation_args(p, 2.0, "0.0,1.0", "text_channel")
         _add_output_args(p, f"{name}.png")
 
+    from .training.launch import build_parser as train_parser
+
+    train_parser(sub.add_parser("train", help="train a curriculum stage (see configs/train/)"))
+
+    p = sub.add_parser("phantoms", help="write procedural phantom studies in the released training formats")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--n", type=int, default=1000, help="number of phantom studies")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+
+    p = sub.add_parser("phantom-eval", help="score a model on freshly generated phantoms")
+    _add_model_args(p)
+    p.add_argument("--n", type=int, default=200, help="phantom studies for VQA")
+    p.add_argument("--t2i", type=int, default=120, help="text-to-image samples")
+    p.add_argument("--sr", type=int, default=60, help="super-resolution samples")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--eval-seed", type=int, default=20261123)
+    p.add_argument("--out", type=Path, default=None, help="write the scores as JSON")
+
     p = sub.add_parser("demo", help="run every task on the embedded default model and write the results")
     _add_model_args(p)
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
@@ -276,8 +295,37 @@ def _demo(args, model) -> int:
     return 0
 
 
+def _phantoms(args) -> int:
+    from .phantoms import write_dataset
+
+    counts = write_dataset(args.out, args.n, seed=args.seed, size=args.size)
+    for name, count in counts.items():
+        print(f"{name}: {count}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _phantom_eval(args, model) -> int:
+    from .phantom_eval import evaluate_phantoms
+
+    scores = evaluate_phantoms(model, n=args.n, t2i=args.t2i, sr=args.sr, steps=args.steps, seed=args.eval_seed,
+                               progress=not args.no_progress)
+    text = json.dumps(scores, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from .training.launch import run
+
+        return run(args)
+    if args.command == "phantoms":
+        return _phantoms(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         model = _load(args)
@@ -285,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             print(model)
             print(json.dumps(model.config.to_dict(), indent=2))
             return 0
-        handlers = {"vqa": _text_task, "report": _text_task, "generate": _generate, "demo": _demo}
+        handlers = {"vqa": _text_task, "report": _text_task, "generate": _generate, "demo": _demo,
+                    "phantom-eval": _phantom_eval}
         return handlers.get(args.command, _image_task)(args, model)
     except (ImageReadError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -172,8 +172,8 @@ class UniMedVL:
 
     def save_pretrained(self, path: str | Path, weights_name: str = WEIGHT_FILES["ema"]) -> Path:
         """Write the released layout; ``UniMedVL.from_pretrained(path)`` gives back the same model."""
-        return save_checkpoint(path, self.config, self.model, self.vae, self.tokenizer, self.tokenizer_dir,
-                               weights_name)
+        return save_checkpoint(path, self.config, {weights_name: self.model.state_dict()}, self.vae, self.tokenizer,
+                               self.tokenizer_dir)
 
     @property
     def device(self) -> torch.device:

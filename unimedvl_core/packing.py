@@ -132,16 +132,24 @@ class PackBuilder:
         self._split(n + 2, SPLIT_FULL)
         self.rope += 1
 
-    def add_vae_image(self, tokens: torch.Tensor, h: int, w: int, position_ids: torch.Tensor,
+    def skip_image(self) -> None:
+        """An image dropped for guidance training still takes its position (spec 6.1)."""
+        if not self.split_lens:
+            self.start_sample()
+        self.rope += 1
+
+    def add_vae_image(self, tokens: torch.Tensor | None, h: int, w: int, position_ids: torch.Tensor,
                       timestep: float = 0.0) -> None:
         """Latent tokens (h*w, p*p*z) of an image: a clean condition at ``timestep`` 0, else a noisy target
-        at that flow time (its tokens get the MSE loss; nothing outside the block sees them)."""
-        n = tokens.shape[0]
+        at that flow time (its tokens get the MSE loss; nothing outside the block sees them). ``tokens`` may
+        be None when the trainer encodes the pixels later (``Pack.vae_tokens`` is then set by it)."""
+        n = h * w
         noisy = timestep > 0
         self._text_token(self.special.vision_start, self.rope)
         self.vae_index.extend(range(self.length, self.length + n))
         self.positions.extend([self.rope] * n)
-        self.vae_tokens.append(tokens)
+        if tokens is not None:
+            self.vae_tokens.append(tokens)
         self.vae_pos.append(position_ids)
         self.vae_t.append(torch.full((n,), float(timestep)))
         if noisy:

@@ -10,6 +10,7 @@ framing, caches and samplers live in ``unimedvl_core.inference``; the user-facin
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import UniMedVLConfig
@@ -94,3 +95,31 @@ class UniMedVLModel(nn.Module):
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states of latent tokens -> predicted velocity eps - x0 (spec 3.5)."""
         return self.llm2vae(hidden)
+
+    # ----- training -----
+    def forward(self, pack, vae_inputs: torch.Tensor, velocity_target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Losses of one packed sequence (spec 3.8), as sums over supervised tokens.
+
+        Args:
+            pack: a ``unimedvl_core.packing.Pack``.
+            vae_inputs: latent tokens as the model sees them (x_t for targets, clean for conditions).
+            velocity_target: eps - x0 for the supervised (noisy) latent tokens, in ``pack.mse_index`` order.
+        Returns ``ce_sum`` (summed next-token cross-entropy) and ``mse_sum`` (per-token mean squared velocity
+        error, summed over tokens); the caller normalises by the global token counts.
+        """
+        from ..packing import forward_pack
+
+        hidden = forward_pack(self, pack, vae_inputs)
+        device = hidden.device
+        if len(pack.ce_index):
+            logits = self.text_logits(hidden[pack.ce_index.to(device)]).float()
+            ce_sum = F.cross_entropy(logits, pack.ce_labels.to(device), reduction="sum")
+        else:
+            ce_sum = hidden.new_zeros(()).float()
+        if len(pack.mse_index):
+            rows = pack.vae_index[pack.mse_index].to(device)
+            error = self.velocity(hidden[rows]).float() - velocity_target.to(device).float()
+            mse_sum = error.pow(2).mean(-1).sum()
+        else:
+            mse_sum = hidden.new_zeros(()).float()
+        return {"ce_sum": ce_sum, "mse_sum": mse_sum}

@@ -20,14 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from pydicom.uid import generate_uid
 
 from . import __version__
 from .defaults import load_model
-from .dicom_output import derived_secondary_capture, write_dicom
 from .medical_io import ImageReadError, MedicalImage, read_slices
+from .outputs import write_image_outputs
 from .synthetic import save_png
 
 __all__ = ["main", "build_parser"]
@@ -173,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seed", type=int, default=20261123)
     p.add_argument("--out", type=Path, default=None, help="write the scores as JSON")
 
+    p = sub.add_parser("evaluate", help="score a model on benchmark or released-format data")
+    _add_model_args(p)
+    p.add_argument("--vqa", action="append", default=[], metavar="FORMAT=PATH",
+                   help="VQA data: vqa_rad, slake, pathvqa, omnimedvqa, gmai_mmbench or sft_jsonl (repeatable)")
+    p.add_argument("--reports", default=None, help="report SFT JSONL (BLEU / ROUGE-L)")
+    p.add_argument("--editing", action="append", default=[], help="editing JSONL (PSNR / SSIM; repeatable)")
+    p.add_argument("--t2i", default=None, help="text-to-image JSONL with reference images (FID)")
+    p.add_argument("--fid-extractor", default="unimedvl-vit", help="unimedvl-vit or hf:<path to a vision model>")
+    p.add_argument("--data-dir", default=None, help="folder that relative data paths are in")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per evaluation")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--out", type=Path, default=Path("outputs/eval"))
+
     p = sub.add_parser("demo", help="run every task on the embedded default model and write the results")
     _add_model_args(p)
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
@@ -192,16 +204,6 @@ def _load(args):
                        **({"weights": args.weights, "device_map": args.device_map} if args.ckpt else {}))
     model.progress = not args.no_progress
     return model
-
-
-def _write_image_outputs(image, source: MedicalImage, out: Path, task: str, description: str,
-                         series_uid: str, instance: int) -> list[Path]:
-    written = [save_png(image, out.with_suffix(".png"))]
-    if source.dataset is not None:
-        ds = derived_secondary_capture(np.asarray(image), source, task, description, series_uid, series_number=9900,
-                                       instance_number=instance)
-        written.append(write_dicom(ds, out.with_suffix(".dcm")))
-    return written
 
 
 def _text_task(args, model) -> int:
@@ -246,7 +248,7 @@ def _image_task(args, model) -> int:
             result = model.counterfactual_edit(src, args.instruction, **common)
             image, explanation = result.image, result.explanation
         out = args.out / f"slice_{src.frame:04d}.png" if several else args.out
-        for path in _write_image_outputs(image, src, out, args.command, image.info.get("Description", ""),
+        for path in write_image_outputs(image, src, out, args.command, image.info.get("Description", ""),
                                          series_uid, instance=i + 1):
             print(f"wrote {path}")
         if explanation is not None:
@@ -284,7 +286,7 @@ def _demo(args, model) -> int:
     }
     for name, run in tasks.items():
         image = run(torch.Generator().manual_seed(0))
-        paths = _write_image_outputs(image, ct, out / name, name, image.info.get("Description", ""), series, 1) \
+        paths = write_image_outputs(image, ct, out / name, name, image.info.get("Description", ""), series, 1) \
             if name == "edit" else [save_png(image, out / f"{name}.png")]
         summary["outputs"][name] = [str(p) for p in paths]
     summary["seconds"] = round(time.perf_counter() - t0, 2)
@@ -318,6 +320,23 @@ def _phantom_eval(args, model) -> int:
     return 0
 
 
+def _evaluate(args, model) -> int:
+    from .bundle import EvaluationRunner
+
+    vqa = []
+    for spec in args.vqa:
+        if "=" not in spec:
+            raise ValueError(f"--vqa takes FORMAT=PATH, got {spec!r}")
+        fmt, path = spec.split("=", 1)
+        vqa.append({"format": fmt, "path": path, "name": fmt})
+    results = EvaluationRunner(model, str(args.out), vqa=vqa, reports=args.reports, editing=args.editing,
+                               text_to_image=args.t2i, fid_extractor=args.fid_extractor, data_dir=args.data_dir,
+                               limit=args.limit, num_inference_steps=args.steps, progress=not args.no_progress).run()
+    print((args.out / "results.md").read_text())
+    print(f"wrote {', '.join(results['files'].values())}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
@@ -334,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(model.config.to_dict(), indent=2))
             return 0
         handlers = {"vqa": _text_task, "report": _text_task, "generate": _generate, "demo": _demo,
-                    "phantom-eval": _phantom_eval}
+                    "phantom-eval": _phantom_eval, "evaluate": _evaluate}
         return handlers.get(args.command, _image_task)(args, model)
     except (ImageReadError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

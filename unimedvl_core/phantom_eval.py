@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .evaluation import psnr_ssim
 from .phantoms import (
     COUNT_WORDS,
     FAMILY_STYLES,
@@ -28,23 +29,10 @@ from .phantoms import (
     vqa_questions,
 )
 
-__all__ = ["evaluate_phantoms", "TARGETS", "psnr_ssim"]
+__all__ = ["evaluate_phantoms", "TARGETS"]
 
 # Targets of the embedded default model (training issue).
 TARGETS = {"vqa_closed_accuracy": 0.90, "vqa_count_accuracy": 0.70, "t2i_count_match": 0.50}
-
-
-def psnr_ssim(prediction: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """PSNR and SSIM of uint8 (H, W, 3) images on a 0..1 range, with MONAI's metrics."""
-    from monai.metrics import PSNRMetric, SSIMMetric
-
-    def tensor(a):
-        return torch.from_numpy(a.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-
-    p, r = tensor(prediction), tensor(reference)
-    psnr = PSNRMetric(max_val=1.0)(p, r).mean().item()
-    ssim = SSIMMetric(spatial_dims=2, data_range=1.0)(p, r).mean().item()
-    return psnr, ssim
 
 
 def evaluate_phantoms(model, n: int = 200, t2i: int = 120, sr: int = 60, steps: int = 25, seed: int = 20261123,

@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = ["REPORT_PROMPT", "SUPER_RESOLUTION", "VIRTUAL_STAINING", "CONTRAST_TRANSLATION", "COUNTERFACTUAL",
            "EDIT_ANALYSIS", "EDIT_ANALYSIS_JOINER", "THINK_UNDERSTANDING", "THINK_GENERATION", "TEXT_TO_IMAGE",
            "report_prompt", "super_resolution_instruction", "staining_instruction", "translation_instruction",
-           "text_to_image_prompt"]
+           "text_to_image_prompt", "MULTIPLE_CHOICE", "multiple_choice_prompt"]
 
 REPORT_PROMPT = "Write a radiology report for this image, with findings and an impression."
 REPORT_PROMPT_WITH_MODALITY = "Write a radiology report for this {modality} image, with findings and an impression."
@@ -35,6 +35,13 @@ THINK_GENERATION = (
     "The planning process is enclosed within <think> </think> tags; that is, <think> planning process here "
     "</think> image here.\n"
 )
+
+
+MULTIPLE_CHOICE = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
+
+
+def multiple_choice_prompt(question: str, options: dict[str, str]) -> str:
+    return MULTIPLE_CHOICE.format(question=question, options="\n".join(f"{k}. {v}" for k, v in options.items()))
 
 
 def report_prompt(modality: str | None = None) -> str:

@@ -1,8 +1,10 @@
 """Training recipes: one YAML file naming the model, the data registry, the optimisation settings and the
 stages; the curriculum stages and dataset registries are YAML files of their own (``configs/``).
 
-Relative paths in a recipe are resolved against the working directory. Any value can be overridden with
-``--set section.key=value`` (the value is parsed as YAML).
+A relative path in a recipe (preset, registry, curriculum) is taken from the working directory when it
+exists there, else from the recipe's folder or the nearest folder above it that has it, so recipes work
+from anywhere in the repository. Any value can be overridden with ``--set section.key=value`` (the value
+is parsed as YAML).
 """
 
 from __future__ import annotations
@@ -198,8 +200,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def resolve_path(value: str | None, anchor: Path) -> str | None:
+    """A relative path from the working directory, or from ``anchor`` or its nearest ancestor having it."""
+    if not value or Path(value).is_absolute() or Path(value).exists():
+        return value
+    for folder in [anchor, *anchor.parents]:
+        if (folder / value).exists():
+            return str(folder / value)
+    return value
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     raw = apply_overrides(_read_yaml(path), overrides or [])
+    anchor = Path(path).resolve().parent
+    for section, key in (("model", "preset"), ("data", "registry")):
+        if isinstance(raw.get(section), dict) and raw[section].get(key):
+            raw[section][key] = resolve_path(raw[section][key], anchor)
+    for spec in (raw.get("stages") or {}).values():
+        if isinstance(spec, dict) and spec.get("curriculum"):
+            spec["curriculum"] = resolve_path(spec["curriculum"], anchor)
     for key in ("run_dir", "model", "data", "stages"):
         if key not in raw:
             raise RecipeError(f"{path}: missing '{key}'")

@@ -1,0 +1,129 @@
+"""The MONAI bundle as users run it: metadata, properties, inference, the training overlays, evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pydicom
+import pytest
+from monai.bundle import ConfigWorkflow, verify_metadata
+from PIL import Image
+
+from unimedvl_core import UniMedVL
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "monai_bundle"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = REPO / "tests" / "fixtures" / "meta_schema_20240725.json"
+TINY_RECIPE = REPO / "tests" / "fixtures" / "training" / "tiny_recipe.yaml"
+
+
+def bundle_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), *args]
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_metadata_is_valid_against_the_schema(tmp_path):
+    schema = tmp_path / "schema.json"
+    shutil.copyfile(SCHEMA, schema)  # offline: verify_metadata uses the file when it exists
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert {"network_data_format", "generation_data_format"} <= set(meta)
+    assert meta["version"] in meta["changelog"]
+
+
+@pytest.mark.parametrize("files,workflow", [
+    (["inference.json"], "infer"),
+    (["train.json", "stage1.json"], "train"),
+    (["train.json", "stage0.json"], "train"),
+    (["train.json", "multi_gpu_train.json", "stage3.json"], "train"),
+])
+def test_workflow_properties(files, workflow):
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / f) for f in files], meta_file=str(CONFIGS / "metadata.json"),
+                        logging_file=str(CONFIGS / "logging.conf"), workflow_type=workflow,
+                        bundle_root=str(BUNDLE))
+    wf.initialize()
+    assert wf.check_properties() in (None, [])
+
+
+def test_inference_answers_every_sample_input(tmp_path):
+    out = tmp_path / "vqa"
+    bundle_run("--config_file", str(CONFIGS / "inference.json"), "--output_dir", str(out),
+               "--max_new_tokens", "8", cwd=tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    inputs = sorted(Path(r["input"]).name for r in results["results"])
+    assert inputs == ["ct_phantom.png", "dicom_ct_series", "mr_t2_phantom.nii.gz", "xray_phantom.png"]
+    assert all(len(r["answers"]) == 2 and all(isinstance(a["answer"], str) for a in r["answers"])
+               for r in results["results"])
+
+
+def test_image_task_writes_labelled_png_dicom_and_nifti(tmp_path):
+    out = tmp_path / "sr"
+    bundle_run("--config_file", str(CONFIGS / "inference.json"), "--output_dir", str(out), "--task",
+               "contrast_translation", "--num_inference_steps", "2", "--slices", "all", cwd=tmp_path)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 2 + 3 + 3  # two PNG inputs, three DICOM slices, three NIfTI slices
+    assert all(Image.open(p).text["SyntheticData"] == "YES" for p in out.glob("*.png"))
+    dicoms = [pydicom.dcmread(p) for p in sorted(out.glob("*.dcm"))]
+    source = pydicom.dcmread(sorted((BUNDLE / "sample_data" / "dicom_ct_series").glob("*.dcm"))[0])
+    assert len(dicoms) == 3 and {d.SeriesInstanceUID for d in dicoms} != {source.SeriesInstanceUID}
+    assert all(d.SyntheticData == "YES" and d.StudyInstanceUID == source.StudyInstanceUID for d in dicoms)
+    niftis = sorted(out.glob("*.nii.gz"))
+    assert len(niftis) == 3
+    img = nib.load(str(niftis[1]))
+    assert b"SYNTHETIC" in img.header["descrip"].tobytes()
+    src = nib.load(str(BUNDLE / "sample_data" / "mr_t2_phantom.nii.gz"))
+    assert img.affine[2, 3] == pytest.approx(src.affine[2, 3] + 1 * src.affine[2, 2])  # slice 1 stays in place
+
+
+def test_text_to_image_task(tmp_path):
+    out = tmp_path / "t2i"
+    bundle_run("--config_file", str(CONFIGS / "inference.json"), "--output_dir", str(out), "--task", "text_to_image",
+               "--prompts", "['CT image with one lesion.']", "--num_inference_steps", "2", cwd=tmp_path)
+    assert [p.name for p in out.glob("*.png")] == ["prompt_0000.png"]
+    assert json.loads((out / "results.json").read_text())["results"][0]["synthetic"] is True
+
+
+@pytest.fixture(scope="module")
+def phantom_dirs(tmp_path_factory):
+    from unimedvl_core.phantoms import write_dataset
+
+    root = tmp_path_factory.mktemp("bundle_phantoms")
+    write_dataset(root / "train", 24, seed=31)
+    write_dataset(root / "eval", 8, seed=32)
+    return root
+
+
+def test_training_overlays_run_every_stage(tmp_path, phantom_dirs):
+    run_dir = tmp_path / "runs"
+    common = ["--recipe", str(TINY_RECIPE), "--dataset_dir", str(phantom_dirs / "train"), "--run_dir", str(run_dir),
+              "--train#trainer#max_epochs", "2", "--overrides", "['data.num_workers=0']"]
+    for stage in (0, 1, 2, 3):
+        files = f"['{CONFIGS / 'train.json'}','{CONFIGS / f'stage{stage}.json'}']"
+        bundle_run("--config_file", files, *common, cwd=tmp_path)
+        assert (run_dir / f"stage{stage}" / "final").is_dir()
+    state = json.loads((run_dir / "stage3" / "final" / "trainer_state.json").read_text())
+    assert state["step"] == 2  # max_epochs is the stage's step count
+    model = UniMedVL.from_pretrained(run_dir / "stage3" / "final", progress=False)
+    assert model.answer(next((phantom_dirs / "eval" / "images").glob("*.png")), "How many lesions are there?",
+                        max_new_tokens=2) is not None
+
+
+def test_evaluation_writes_table_and_figure(tmp_path, phantom_dirs):
+    out = tmp_path / "eval"
+    bundle_run("--config_file", str(CONFIGS / "evaluate.json"), "--dataset_dir", str(phantom_dirs / "eval"),
+               "--output_dir", str(out), "--limit", "3", "--num_inference_steps", "2", cwd=tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    assert results["vqa:phantom"]["n"] == 3
+    assert {"bleu", "rouge_l"} <= set(results["reports"])
+    assert "psnr" in results["image_to_image:edit_sr"]["super_resolution"]
+    assert results["text_to_image"]["n"] == 3 and results["text_to_image"]["fid"] >= 0
+    assert (out / "results.md").read_text().startswith("| evaluation | metric | value |")
+    assert Image.open(out / "samples.png").size[0] > 500

@@ -60,6 +60,8 @@ class MedicalImage:
         num_frames: how many frames or slices the source had.
         modality: DICOM Modality when known.
         window: (centre, width) applied, in modality units, when a window was used.
+        value_range: modality values mapped linearly onto 0..255 (the window's edges, or the data range),
+            so that derived outputs can be mapped back; None when a non-linear VOI LUT was used.
         geometry: spatial metadata of the slice when known (``pixel_spacing``, ``affine`` for NIfTI).
     """
 
@@ -71,6 +73,7 @@ class MedicalImage:
     modality: str | None = None
     window: tuple[float, float] | None = None
     geometry: dict[str, Any] = field(default_factory=dict)
+    value_range: tuple[float, float] | None = None
 
     def to_pil(self) -> Image.Image:
         return Image.fromarray(self.pixels)
@@ -307,29 +310,33 @@ def _apply_window(values: np.ndarray, centre: float, width: float, function: str
 
 
 def _gray_dicom_to_uint8(frame: np.ndarray, attrs: Dataset, window: WindowArg,
-                         modality: str | None) -> tuple[np.ndarray, tuple[float, float] | None]:
+                         modality: str | None) -> tuple[np.ndarray, tuple[float, float] | None, tuple | None]:
+    """8-bit display values, the (centre, width) used if any, and the modality-value range shown."""
     values = apply_modality_lut(frame, attrs) if ("RescaleSlope" in attrs or "ModalityLUTSequence" in attrs) \
         else frame.astype(np.float64)
     if isinstance(window, str):
         if window not in WINDOW_PRESETS:
             raise ImageReadError(f"unknown window preset {window!r}; choose from {sorted(WINDOW_PRESETS)}")
         window = WINDOW_PRESETS[window]
+    def windowed(centre, width, function="LINEAR"):
+        edges = (centre - width / 2, centre + width / 2) if function != "SIGMOID" else None
+        return _apply_window(values, centre, width, function), (centre, width), edges
+
     if window is not None:
-        centre, width = float(window[0]), float(window[1])
-        return _apply_window(values, centre, width), (centre, width)
+        return windowed(float(window[0]), float(window[1]))
     if "VOILUTSequence" in attrs and len(attrs.VOILUTSequence):
         out = apply_voi_lut(frame, attrs)  # a LUT indexes stored values
         bits = int(attrs.VOILUTSequence[0].LUTDescriptor[2])
-        return to_uint8_range(out, 0, 2**bits - 1), None
+        return to_uint8_range(out, 0, 2**bits - 1), None, None
     if "WindowCenter" in attrs and "WindowWidth" in attrs:
-        centre, width = _first(attrs.WindowCenter), _first(attrs.WindowWidth)
         function = str(attrs.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        return _apply_window(values, centre, width, function), (centre, width)
+        return windowed(_first(attrs.WindowCenter), _first(attrs.WindowWidth), function)
     preset = MODALITY_WINDOWS.get(modality or "")
     if preset is not None:
-        centre, width = WINDOW_PRESETS[preset]
-        return _apply_window(values, centre, width), (centre, width)
-    return _full_range(values), None
+        return windowed(*WINDOW_PRESETS[preset])
+    finite = values[np.isfinite(values)]
+    span = (float(finite.min()), float(finite.max())) if finite.size else None
+    return _full_range(values), None, span
 
 
 def _colour_to_uint8(frame: np.ndarray, bits: int) -> np.ndarray:
@@ -355,11 +362,11 @@ def _dicom_slices(ds: Dataset, name: str, frames, window: WindowArg, middle_only
     out = []
     for index in _pick(count, frames, middle_only, name):
         frame = arr[index]
-        used = None
+        used = span = None
         if samples == 3:
             pixels = _colour_to_uint8(frame, colour_bits)
         elif photometric in ("MONOCHROME1", "MONOCHROME2"):
-            gray, used = _gray_dicom_to_uint8(frame, _frame_attributes(ds, index), window, modality)
+            gray, used, span = _gray_dicom_to_uint8(frame, _frame_attributes(ds, index), window, modality)
             pixels = _gray_to_rgb(255 - gray if photometric == "MONOCHROME1" else gray)
         else:
             raise ImageReadError(f"{name}: unsupported photometric interpretation {photometric}")
@@ -367,7 +374,8 @@ def _dicom_slices(ds: Dataset, name: str, frames, window: WindowArg, middle_only
         if "PixelSpacing" in ds:
             geometry["pixel_spacing"] = [float(v) for v in ds.PixelSpacing]
         out.append(MedicalImage(np.ascontiguousarray(pixels), name, dataset=ds, frame=index if count > 1 else None,
-                                num_frames=count, modality=modality, window=used, geometry=geometry))
+                                num_frames=count, modality=modality, window=used, geometry=geometry,
+                                value_range=span))
     return out
 
 
@@ -454,5 +462,5 @@ def _nifti_slices(path: Path, frames, window: WindowArg, middle_only: bool) -> l
         gray = to_uint8_range(data[:, :, k].T[::-1, ::-1], low, high)
         out.append(MedicalImage(_gray_to_rgb(gray), path.name, frame=k, num_frames=data.shape[2],
                                 window=tuple(window) if window is not None else None,
-                                geometry={"affine": img.affine.tolist(), "slice_axis": 2}))
+                                geometry={"affine": img.affine.tolist(), "slice_axis": 2}, value_range=(low, high)))
     return out

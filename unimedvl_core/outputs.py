@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .dicom_output import derived_secondary_capture, write_dicom
+from .dicom_output import derived_image, write_dicom
 from .medical_io import MedicalImage
 from .synthetic import SYNTHETIC_NOTICE, save_png
 
@@ -50,7 +50,7 @@ def write_image_outputs(image: Image.Image, source: MedicalImage | None, out: Pa
     image.info.setdefault("Comment", SYNTHETIC_NOTICE)
     written = [save_png(image, out.with_suffix(".png"))]
     if source is not None and source.dataset is not None:
-        ds = derived_secondary_capture(np.asarray(image.convert("RGB")), source, task, description, series_uid,
+        ds = derived_image(np.asarray(image.convert("RGB")), source, task, description, series_uid,
                                        series_number=OUTPUT_SERIES_NUMBER, instance_number=instance)
         written.append(write_dicom(ds, out.with_suffix(".dcm")))
     elif source is not None and "affine" in source.geometry:

@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--out", type=Path, default=Path("outputs/eval"))
 
+    p = sub.add_parser("serve", help="run the HTTP inference server (FastAPI)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token", default=None, help="bearer token (default: UNIMEDVL_TOKEN); required beyond loopback")
+
     p = sub.add_parser("demo", help="run every task on the embedded default model and write the results")
     _add_model_args(p)
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
@@ -345,6 +351,18 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "phantoms":
         return _phantoms(args)
+    if args.command == "serve":
+        import os
+
+        from .server.app import serve
+
+        try:
+            serve(str(args.ckpt) if args.ckpt else None, args.host, args.port,
+                  args.token or os.environ.get("UNIMEDVL_TOKEN"), args.device, args.dtype)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         model = _load(args)

@@ -27,7 +27,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .prompts import report_prompt, staining_instruction, super_resolution_instruction, translation_instruction
+from .prompts import (
+    report_prompt,
+    staining_instruction,
+    super_resolution_instruction,
+    text_to_image_prompt,
+    translation_instruction,
+)
 
 __all__ = ["Lesion", "Phantom", "STYLES", "FAMILY_STYLES", "MODALITY", "sample_phantom", "render", "analyze",
            "Findings", "vqa_questions", "report_text", "caption", "counterfactual_explanation", "write_dataset",
@@ -324,7 +330,7 @@ def report_text(p: Phantom, style: str) -> str:
 
 
 def caption(p: Phantom, style: str) -> str:
-    return f"{MODALITY[style]} image with {_count_phrase(p)}."
+    return text_to_image_prompt(MODALITY[style], f"{_count_phrase(p)}.")
 
 
 def counterfactual_explanation(p: Phantom) -> str:

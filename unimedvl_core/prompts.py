@@ -18,7 +18,8 @@ SUPER_RESOLUTION = "Increase the resolution of this {modality} image by {scale}x
 VIRTUAL_STAINING = "Convert this H&E stained pathology image into the corresponding {stain} stained image."
 CONTRAST_TRANSLATION = "Translate this {source} MRI image into the corresponding {target} image."
 COUNTERFACTUAL = "{instruction}"
-TEXT_TO_IMAGE = "Generate a {modality} image: {description}"
+# Text-to-image prompts: "<modality> image with <description>", e.g. "CT image with two lesions."
+TEXT_TO_IMAGE = "{modality} image with {description}"
 
 # The editing script's optional describe-first pass, and how its answer is appended to the instruction.
 EDIT_ANALYSIS = "Analyze this medical image and develop an editing strategy for: '{instruction}'."

@@ -1,0 +1,169 @@
+"""The inference server: every route, bad requests refused with 4xx, jobs with progress and cancel."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from unimedvl_core.server.app import Settings, create_app, serve
+
+from .conftest import random_model
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def client():
+    model = random_model(seed=3)
+    app = create_app(model=model, settings=Settings(token=TOKEN, max_steps=30, max_new_tokens=64,
+                                                    max_image_pixels=1_000_000))
+    with TestClient(app) as c:
+        c.headers.update({"Authorization": f"Bearer {TOKEN}"})
+        yield c
+
+
+def png_bytes(size=(48, 40), value=90) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def npy_bytes(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_health_info_and_auth(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    info = client.get("/info").json()
+    assert info["tasks"][:3] == ["vqa", "report", "generate"] and info["limits"]["max_steps"] == 30
+    anonymous = TestClient(client.app)
+    assert anonymous.get("/health").status_code == 200  # liveness needs no token
+    assert anonymous.get("/info").status_code == 401
+    assert anonymous.post("/v1/generate", json={"prompt": "x"}).status_code == 401
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/vqa", "/v1/generate", "/v1/image-to-image/{task}", "/v1/jobs/{job_id}"} <= set(schema["paths"])
+
+
+def test_vqa_with_png_npy_and_dicom_inputs(client):
+    ramp = np.arange(64 * 64).reshape(64, 64).astype(np.int16)
+    for name, data in (("a.png", png_bytes()), ("a.npy", npy_bytes(ramp)),
+                       ("ct.dcm", open(get_testdata_file("CT_small.dcm"), "rb").read())):
+        r = client.post("/v1/vqa", files={"image": (name, data)}, data={"question": "Any lesion?", "max_new_tokens": 4})
+        assert r.status_code == 200, r.text
+        assert isinstance(r.json()["answer"], str)
+
+
+def test_vqa_streams_tokens(client):
+    files = {"image": ("a.png", png_bytes())}
+    full = client.post("/v1/vqa", files=files, data={"question": "Describe.", "max_new_tokens": 8}).json()["answer"]
+    events = []
+    with client.stream("POST", "/v1/vqa", files={"image": ("a.png", png_bytes())},
+                       data={"question": "Describe.", "max_new_tokens": 8, "stream": "true"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+    assert events[-1]["done"] and events[-1]["answer"] == full
+    assert "".join(e["token"] for e in events if "token" in e) == full
+
+
+def test_report(client):
+    r = client.post("/v1/report", files={"image": ("ct.dcm", open(get_testdata_file("CT_small.dcm"), "rb").read())},
+                    data={"max_new_tokens": 6})
+    assert r.status_code == 200 and isinstance(r.json()["report"], str)
+
+
+def test_generate_png_and_npy_are_labelled(client):
+    r = client.post("/v1/generate", json={"prompt": "CT with one lesion", "height": 32, "width": 48,
+                                          "num_inference_steps": 2})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["X-UniMedVL-Synthetic"] == "YES"
+    image = Image.open(io.BytesIO(r.content))
+    assert image.size == (48, 32) and image.text["SyntheticData"] == "YES"
+    r = client.post("/v1/generate", json={"prompt": "CT", "height": 32, "width": 32, "num_inference_steps": 2,
+                                          "output": "npy"})
+    assert np.load(io.BytesIO(r.content)).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("payload,status", [
+    ({"prompt": ""}, 422), ({"prompt": "x", "height": 33}, 422), ({"prompt": "x", "num_inference_steps": 500}, 422),
+    ({"prompt": "x" * 5000}, 422), ({"prompt": "x", "cfg_renorm_type": "none"}, 422), ({}, 422),
+    ({"prompt": "x", "height": 4096, "width": 32}, 422),
+])
+def test_bad_generation_requests(client, payload, status):
+    assert client.post("/v1/generate", json=payload).status_code == status
+
+
+def test_image_to_image_outputs(client):
+    r = client.post("/v1/image-to-image/super_resolution", files={"image": ("a.png", png_bytes((16, 16)))},
+                    data={"params": json.dumps({"scale": 2, "num_inference_steps": 2}), "output": "npy"})
+    assert r.status_code == 200, r.text
+    assert np.load(io.BytesIO(r.content)).shape == (32, 32, 3)
+    ct = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    r = client.post("/v1/image-to-image/contrast_translation", files={"image": ("ct.dcm", ct)},
+                    data={"params": json.dumps({"num_inference_steps": 2}), "output": "dicom"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
+    ds = pydicom.dcmread(io.BytesIO(r.content))
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert ds.SyntheticData == "YES" and ds.StudyInstanceUID == source.StudyInstanceUID
+    r = client.post("/v1/image-to-image/counterfactual", files={"image": ("a.png", png_bytes((32, 32)))},
+                    data={"params": json.dumps({"instruction": "Remove the lesion.", "num_inference_steps": 2})})
+    assert r.status_code == 200 and "X-UniMedVL-Explanation" in r.headers
+
+
+@pytest.mark.parametrize("task,files,data,status", [
+    ("teleport", {"image": ("a.png", png_bytes())}, {}, 404),
+    ("edit", {"image": ("a.png", png_bytes())}, {"params": "{}"}, 422),                      # no instruction
+    ("edit", {"image": ("a.png", png_bytes())}, {"params": '{"instruction": "x", "warp": 1}'}, 422),
+    ("edit", {"image": ("a.png", png_bytes())}, {"params": "not json"}, 422),
+    ("virtual_staining", {"image": ("a.png", b"\x89PNG broken")}, {}, 400),
+    ("virtual_staining", {"image": ("a.png", b"")}, {}, 400),
+    ("virtual_staining", {"image": ("big.png", png_bytes((2000, 1000)))}, {}, 413),
+    ("virtual_staining", {"image": ("a.png", png_bytes())}, {"output": "dicom"}, 400),       # no DICOM source
+    ("virtual_staining", {"image": ("a.png", png_bytes())}, {"params": '{"num_inference_steps": 999}'}, 422),
+])
+def test_bad_image_requests_get_4xx_and_the_server_stays_up(client, task, files, data, status):
+    r = client.post(f"/v1/image-to-image/{task}", files=files, data=data)
+    assert r.status_code == status, r.text
+    assert "detail" in r.json()
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_jobs_report_progress_and_can_be_cancelled(client):
+    r = client.post("/v1/jobs/generate", json={"prompt": "CT", "height": 32, "width": 32, "num_inference_steps": 3,
+                                               "output": "npy"})
+    assert r.status_code == 202
+    job = r.json()["id"]
+    for _ in range(200):
+        status = client.get(f"/v1/jobs/{job}").json()
+        if status["status"] == "done":
+            break
+        time.sleep(0.05)
+    assert status["status"] == "done" and status["step"] == status["total"] == 3
+    assert np.load(io.BytesIO(client.get(f"/v1/jobs/{job}/result").content)).shape == (32, 32, 3)
+
+    long = client.post("/v1/jobs/image-to-image/edit", files={"image": ("a.png", png_bytes((64, 64)))},
+                       data={"params": json.dumps({"instruction": "x", "num_inference_steps": 30})}).json()["id"]
+    assert client.delete(f"/v1/jobs/{long}").status_code == 200
+    for _ in range(400):
+        if client.get(f"/v1/jobs/{long}").json()["status"] in ("cancelled", "done"):
+            break
+        time.sleep(0.05)
+    assert client.get(f"/v1/jobs/{long}").json()["status"] == "cancelled"
+    assert client.get(f"/v1/jobs/{long}/result").status_code == 409
+    assert client.get("/v1/jobs/job-999999").status_code == 404
+
+
+def test_serving_beyond_loopback_needs_a_token():
+    with pytest.raises(ValueError, match="needs --token"):
+        serve(None, "0.0.0.0", 8999, token=None)

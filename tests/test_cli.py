@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pydicom.data import get_testdata_file
 
 from unimedvl_core.cli import main
 
-from .conftest import PARITY, PARITY_CKPT
+from .conftest import PARITY, PARITY_CKPT, dciodvfy_errors
 
 CKPT = ["--ckpt", str(PARITY_CKPT), "--no-progress"]
 FAST = ["--steps", "2"]
@@ -40,16 +39,6 @@ def test_generate_writes_a_labelled_png(tmp_path):
     assert image.text["SyntheticData"] == "YES" and "AI-generated" in image.text["Comment"]
 
 
-def _dciodvfy_errors(path) -> list[str]:
-    tool = shutil.which("dciodvfy")
-    if tool is None:
-        pytest.skip("dciodvfy (Debian dicom3tools) not installed")
-    result = subprocess.run([tool, str(path)], capture_output=True, text=True)
-    lines = (result.stdout + result.stderr).splitlines()
-    # Debian's 2022 dciodvfy does not know SyntheticData (0008,001C); that line is expected.
-    return [line for line in lines if line.startswith("Error") and "0x0008,0x001c" not in line.lower()]
-
-
 def test_edit_of_a_dicom_writes_png_and_a_synthetic_derived_dicom(tmp_path):
     source_path = get_testdata_file("CT_small.dcm")
     out = tmp_path / "edit.png"
@@ -64,7 +53,7 @@ def test_edit_of_a_dicom_writes_png_and_a_synthetic_derived_dicom(tmp_path):
     assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
     assert ds.SeriesInstanceUID != src.SeriesInstanceUID
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-    assert _dciodvfy_errors(out.with_suffix(".dcm")) == []
+    assert dciodvfy_errors(out.with_suffix(".dcm")) == []
 
 
 def test_per_slice_processing_of_a_multiframe_object(tmp_path):

@@ -20,19 +20,11 @@ from unimedvl_core.deploy.inputs import InputError, scan_dicom_folder
 from unimedvl_core.dicom_output import derived_image, report_sr
 from unimedvl_core.medical_io import read_image, read_slices
 
+from .conftest import dciodvfy_errors
+
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "monai_deploy_app"
 SERIES = REPO / "monai_bundle" / "sample_data" / "dicom_ct_series"
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    tool = shutil.which("dciodvfy")
-    if tool is None:
-        pytest.skip("dciodvfy (Debian dicom3tools) not installed")
-    out = subprocess.run([tool, str(path)], capture_output=True, text=True)
-    lines = (out.stdout + out.stderr).splitlines()
-    # Debian's 2022 dciodvfy does not know SyntheticData (0008,001C); that error is expected.
-    return [line for line in lines if line.startswith("Error") and "0x0008,0x001c" not in line.lower()]
 
 
 def errors_of_its_own(output: Path, source: Path) -> list[str]:

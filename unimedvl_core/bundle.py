@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from tqdm.auto import tqdm
 
 from .defaults import load_model
-from .medical_io import ImageReadError, is_dicom_file, read_slices
+from .medical_io import ImageReadError, dicom_image_headers, is_dicom_file, read_slices
 from .outputs import write_image_outputs
 
 __all__ = ["load_network", "list_inputs", "LoadMedicalSlices", "LoadMedicalSlicesd", "TaskInferer", "TaskRunner",
@@ -49,26 +49,13 @@ def read_lines(path: str | None) -> list[str]:
 def list_inputs(dataset_dir: str | Path) -> list[dict]:
     """One entry per input: each DICOM series (a folder of DICOM files; several series in one folder are
     listed apart), each NIfTI file, each PNG/JPEG/TIFF image, each single DICOM file at the top."""
-    import pydicom
-
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset_dir {root} is not a folder")
     items: list[dict] = []
-    series: set[tuple[Path, str]] = set()
+    series = {(path.parent, str(header.get("SeriesInstanceUID", ""))) for path, header in dicom_image_headers(root)}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        name = path.name.lower()
-        if is_dicom_file(path):
-            try:
-                header = pydicom.dcmread(str(path), stop_before_pixels=True)
-            except Exception:
-                log.warning("skipping unreadable DICOM file %s", path.name)
-                continue
-            if "Rows" not in header:
-                log.info("skipping %s: not an image (%s)", path.name, getattr(header.get("SOPClassUID"), "name", "?"))
-                continue
-            series.add((path.parent, str(header.get("SeriesInstanceUID", ""))))
-        elif name.endswith(_IMAGE_SUFFIXES):
+        if not is_dicom_file(path) and path.name.lower().endswith(_IMAGE_SUFFIXES):
             items.append({"image": str(path), "name": path.name.split(".")[0]})
     for folder, uid in sorted(series):
         several = sum(1 for f, _ in series if f == folder) > 1

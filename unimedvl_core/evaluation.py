@@ -210,21 +210,26 @@ def read_gmai_mmbench(tsv: Path) -> list[VQAItem]:
     return out
 
 
+def _records(path: Path):
+    for line in path.read_text().splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
+def _human_text(record: dict) -> str:
+    return next(t["value"] for t in record["message"] if t["from"] == "human").replace("<image>", "").strip()
+
+
 def read_sft_jsonl(path: Path, data_dir: Path | None = None) -> list[VQAItem]:
     """The released SFT JSONL format (one image, one question, one answer per line); a ``kind`` or
     ``answer_type`` field, when present, says closed or open."""
     data_dir = data_dir or path.parent / "images"
     out = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        d = json.loads(line)
+    for d in _records(path):
         images = d["input_img"] if isinstance(d["input_img"], list) else [d["input_img"]]
-        human = next(t["value"] for t in d["message"] if t["from"] == "human")
         answer = next(t["value"] for t in d["message"] if t["from"] == "gpt")
         kind = d.get("kind") or _kind(answer, d.get("answer_type"))
-        out.append(VQAItem(data_dir / images[0]["path"], human.replace("<image>", "").strip(), answer, kind,
-                           source=path.name))
+        out.append(VQAItem(data_dir / images[0]["path"], _human_text(d), answer, kind, source=path.name))
     return out
 
 
@@ -244,15 +249,8 @@ def read_vqa(fmt: str, path: str | Path) -> list[VQAItem]:
 def read_editing_pairs(path: Path, data_dir: Path | None = None) -> list[dict]:
     """Pairs of the released editing JSONL format: input image, reference output, instruction."""
     data_dir = data_dir or path.parent / "images"
-    out = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        d = json.loads(line)
-        instruction = next(t["value"] for t in d["message"] if t["from"] == "human").replace("<image>", "").strip()
-        out.append({"input": data_dir / d["input_img"][0]["path"], "reference": data_dir / d["output_img"][0]["path"],
-                    "instruction": instruction, "task": d.get("sub_task_type", "edit")})
-    return out
+    return [{"input": data_dir / d["input_img"][0]["path"], "reference": data_dir / d["output_img"][0]["path"],
+             "instruction": _human_text(d), "task": d.get("sub_task_type", "edit")} for d in _records(path)]
 
 
 def read_report_items(path: Path, data_dir: Path | None = None) -> list[VQAItem]:

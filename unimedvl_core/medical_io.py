@@ -24,7 +24,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from .preprocessing import MAX_INPUT_PIXELS, to_rgb
 
 __all__ = ["MedicalImage", "ImageReadError", "read_image", "read_slices", "WINDOW_PRESETS", "MODALITY_WINDOWS",
-           "MAX_DECLARED_BYTES", "to_uint8_range", "is_dicom_file"]
+           "MAX_DECLARED_BYTES", "to_uint8_range", "is_dicom_file", "dicom_image_headers"]
 
 log = logging.getLogger(__name__)
 
@@ -389,8 +389,9 @@ def _slice_sort_key(ds: Dataset) -> tuple:
         return (1, float(ds.get("InstanceNumber", 0) or 0))
 
 
-def _series_slices(folder: Path, frames, window, series_uid, middle_only) -> list[MedicalImage]:
-    series: dict[str, list[tuple[Path, Dataset]]] = {}
+def dicom_image_headers(folder: Path):
+    """(path, header) of every DICOM image file under ``folder``; unreadable files and non-image objects
+    (SR, RT structure sets, ...) are passed over with a log line naming the file only."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if not is_dicom_file(path):
             continue
@@ -400,7 +401,14 @@ def _series_slices(folder: Path, frames, window, series_uid, middle_only) -> lis
             log.warning("skipping unreadable DICOM file %s", path.name)
             continue
         if "Rows" not in header:
-            continue  # SR, RT structure sets and other non-image objects
+            log.info("skipping %s: not an image (%s)", path.name, getattr(header.get("SOPClassUID"), "name", "?"))
+            continue
+        yield path, header
+
+
+def _series_slices(folder: Path, frames, window, series_uid, middle_only) -> list[MedicalImage]:
+    series: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path, header in dicom_image_headers(folder):
         series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))
     if not series:
         raise ImageReadError(f"{folder}: no DICOM image files found")

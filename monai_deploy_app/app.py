@@ -10,9 +10,11 @@ the file named by UNIMEDVL_TASKS (default: tasks.yaml next to this file).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,6 +49,7 @@ class UniMedVLApp(Application):
         config = load_deploy_config(os.environ.get(TASKS_ENV) or DEFAULT_TASKS)
         output = Path(context.output_path)
         staging = Path(tempfile.mkdtemp(prefix="unimedvl-input-"))
+        atexit.register(shutil.rmtree, staging, True)  # links to the usable input files only
         mode, start, stop = config.slice_mode
         validate = ValidateDICOMInputOperator(self, CountCondition(self, 1), input_folder=context.input_path,
                                               staging_folder=staging, name="validate_input")

@@ -114,6 +114,36 @@ def test_other_sources_get_secondary_capture(tmp_path):
     assert errors_of_its_own(path, Path(get_testdata_file("examples_rgb_color.dcm"))) == []
 
 
+def test_patient_orientation_letters_are_single(tmp_path):
+    from unimedvl_core.dicom_output import patient_orientation_of
+
+    ds = pydicom.Dataset()
+    ds.PatientOrientation = ["A", "FR"]  # mammography MLO
+    assert patient_orientation_of(ds) == ("A", "F")
+    oblique = pydicom.Dataset()
+    oblique.ImageOrientationPatient = [0.8, 0.6, 0, 0, 0, -1]
+    assert patient_orientation_of(oblique) == ("L", "F")
+    src = read_image(get_testdata_file("examples_rgb_color.dcm"))
+    src.dataset.PatientOrientation = ["A", "FR"]
+    ds = derived_image(np.zeros((32, 32, 3), np.uint8), src, "edit", "x", generate_uid(), 9904)
+    assert list(ds.PatientOrientation) == ["A", "F"]
+    t2i = derived_image(np.zeros((32, 32, 3), np.uint8), src, "text_to_image", "x", generate_uid(), 9905,
+                        from_source=False)
+    assert "SourceImageSequence" not in t2i and t2i.StudyInstanceUID == src.dataset.StudyInstanceUID
+
+
+def test_monochrome1_sources_are_written_back_the_right_way_round():
+    ds = pydicom.dcmread(sorted(SERIES.glob("*.dcm"))[0])
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    src = read_slices(ds)[0]
+    shown = src.pixels
+    out = derived_image(shown, src, "edit", "x", generate_uid(), 9906)
+    assert out.PhotometricInterpretation == "MONOCHROME2"
+    stored = ds.pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    written = out.pixel_array * float(out.RescaleSlope) + float(out.RescaleIntercept)
+    assert np.corrcoef(stored.ravel(), written.ravel())[0, 1] > 0.9  # same polarity as the source
+
+
 def test_report_sr(tmp_path):
     evidence = [pydicom.dcmread(p) for p in sorted(SERIES.glob("*.dcm"))]
     sr = report_sr(evidence, ["Q: Is there a lesion? A: yes\x10"], "Findings: two lesions.", generate_uid(), 9903)

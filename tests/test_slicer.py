@@ -107,6 +107,9 @@ def test_display_slice_and_slice_lookup(scene):
     assert UniMedVLLogic.slice_index_from_ras(volume, (-20 + 10 * 0.8, -25 + 5 * 0.8, 10 + 2 * 3.0)) == 2
     with pytest.raises(ValueError, match="outside the volume"):
         UniMedVLLogic.display_slice(volume, 3)
+    assert UniMedVLLogic.slice_index_from_ras(volume, (0, 0, 13.0), (0, 0, 1)) == 1
+    with pytest.raises(ValueError, match="does not show the volume's own slices"):
+        UniMedVLLogic.slice_index_from_ras(volume, (0, 0, 13.0), (1, 0, 0))  # a sagittal view
 
 
 def test_ask_and_report_through_the_server(logic, scene):
@@ -149,6 +152,13 @@ def test_image_to_image_keeps_the_source_slice_geometry(logic, scene):
     # the outer edge of the first output voxel meets the outer edge of the first source voxel of slice 1
     assert corner(node, (-0.5, -0.5, 0)) == pytest.approx(corner(volume, (-0.5, -0.5, 1)))
     assert corner(node, (95.5, 127.5, 0)) == pytest.approx(corner(volume, (47.5, 63.5, 1)))
+
+
+def test_counterfactual_explanation_comes_back(logic, scene):
+    volume, _ = make_volume(scene)
+    node, explanation = logic.image_to_image(volume, 1, "counterfactual",
+                                             {"instruction": "Remove the lesion.", "num_inference_steps": 2})
+    assert isinstance(explanation, str) and node.GetAttribute("UniMedVL.Explanation") == explanation[:2000]
 
 
 def test_server_errors_reach_the_logic(logic, scene):

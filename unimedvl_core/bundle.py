@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 TEXT_TASKS = ("vqa", "report")
 IMAGE_TASKS = ("edit", "super_resolution", "virtual_staining", "contrast_translation", "counterfactual")
 TASKS = (*TEXT_TASKS, "text_to_image", *IMAGE_TASKS)
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz", ".dcm")
+_IMAGE_SUFFIXES = (".nii.gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".dcm")
 
 
 def load_network(ckpt_dir: str | None = None, device: str | torch.device | None = None, dtype: str | None = None,
@@ -56,11 +56,19 @@ def list_inputs(dataset_dir: str | Path) -> list[dict]:
     series = {(path.parent, str(header.get("SeriesInstanceUID", ""))) for path, header in dicom_image_headers(root)}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if not is_dicom_file(path) and path.name.lower().endswith(_IMAGE_SUFFIXES):
-            items.append({"image": str(path), "name": path.name.split(".")[0]})
+            relative = str(path.relative_to(root))
+            stem = relative[: -len(next(s for s in _IMAGE_SUFFIXES if relative.lower().endswith(s)))]
+            items.append({"image": str(path), "name": stem.replace("/", "__")})
     for folder, uid in sorted(series):
         several = sum(1 for f, _ in series if f == folder) > 1
-        name = f"{folder.name}_{uid[-8:]}" if several else folder.name
-        items.append({"image": str(folder), "series_uid": uid, "name": name})
+        name = str(folder.relative_to(root)).replace("/", "__") if folder != root else "dicom"
+        items.append({"image": str(folder), "series_uid": uid, "name": f"{name}_{uid[-8:]}" if several else name})
+    seen: dict[str, int] = {}
+    for item in items:  # output names must not collide (a.png and a.jpg, or two series of one folder)
+        count = seen.get(item["name"], 0)
+        seen[item["name"]] = count + 1
+        if count:
+            item["name"] = f"{item['name']}_{count + 1}"
     return items
 
 

@@ -231,6 +231,11 @@ def _text_task(args, model) -> int:
     return 0
 
 
+def _stem(path: Path) -> Path:
+    """``--out result.png`` names the outputs result.png, result.dcm, ..."""
+    return path.with_suffix("") if path.suffix.lower() == ".png" else path
+
+
 def _image_task(args, model) -> int:
     sources = _read_inputs(args)
     gen = _generation_kwargs(args)

@@ -86,7 +86,7 @@ class UniMedVLClient:
         if stream:
             return response
         with response:
-            return response.read(), dict(response.headers)
+            return response.read(), response.headers  # case-insensitive: servers send lower-case names
 
     def _json(self, method: str, path: str, payload: dict | None = None) -> dict:
         body = json.dumps(payload).encode() if payload is not None else None

@@ -42,14 +42,16 @@ def patient_orientation_of(ds: Dataset) -> tuple[str, str] | None:
     Image Orientation (Patient); None when the source does not say."""
     if "PatientOrientation" in ds and ds.PatientOrientation and len(ds.PatientOrientation) == 2 \
             and all(ds.PatientOrientation):
-        return tuple(str(v) for v in ds.PatientOrientation)
+        # highdicom takes one letter per direction: the dominant (first) one, e.g. "A\FR" -> ("A", "F")
+        letters = tuple(str(v)[0] for v in ds.PatientOrientation)
+        return letters if all(c in "APRLHF" for c in letters) else None
     if "ImageOrientationPatient" not in ds:
         return None
     cosines = [float(v) for v in ds.ImageOrientationPatient]
 
-    def letters(vec) -> str:
-        order = np.argsort(-np.abs(vec))
-        return "".join(_AXES[i][0 if vec[i] > 0 else 1] for i in order if abs(vec[i]) > 0.25)[:3]
+    def letters(vec) -> str:  # the dominant direction only (highdicom accepts single letters)
+        i = int(np.argmax(np.abs(vec)))
+        return _AXES[i][0 if vec[i] > 0 else 1]
 
     return letters(cosines[:3]), letters(cosines[3:])
 
@@ -86,13 +88,15 @@ def _label(ds: Dataset, task: str, description: str, series_description: str | N
 
 def derived_secondary_capture(pixels: np.ndarray, source: MedicalImage, task: str, description: str,
                               series_instance_uid: str, series_number: int, instance_number: int = 1,
-                              series_description: str | None = None) -> Dataset:
-    """A Secondary Capture of ``pixels`` (H, W, 3 uint8; stored grayscale when it is gray)."""
+                              series_description: str | None = None, from_source: bool = True) -> Dataset:
+    """A Secondary Capture of ``pixels`` (H, W, 3 uint8; stored grayscale when it is gray). With
+    ``from_source=False`` (text-to-image) it only joins the source's patient and study: no geometry, no
+    source reference."""
     ref = source.dataset
     if ref is None:
         raise ValueError("a derived DICOM needs a DICOM source image")
-    orientation = patient_orientation_of(ref)
-    spacing = source.geometry.get("pixel_spacing")
+    orientation = patient_orientation_of(ref) if from_source else None
+    spacing = source.geometry.get("pixel_spacing") if from_source else None
     rows, cols = pixels.shape[:2]
     if spacing is not None and (rows, cols) != (int(ref.Rows), int(ref.Columns)):
         # resampled output: keep the physical extent
@@ -111,7 +115,8 @@ def derived_secondary_capture(pixels: np.ndarray, source: MedicalImage, task: st
         sc.Laterality = ref.Laterality  # type 2C in General Series: the source's value
     sc.ImageType = ["DERIVED", "SECONDARY"]
     _label(sc, task, description, series_description)
-    sc.SourceImageSequence = DicomSequence([_source_reference(source)])
+    if from_source:
+        sc.SourceImageSequence = DicomSequence([_source_reference(source)])
     return sc
 
 
@@ -127,6 +132,8 @@ def derived_image_like_source(pixels: np.ndarray, source: MedicalImage, task: st
         return None
     low, high = source.value_range
     gray = _luminance(pixels).astype(np.float64)
+    if str(ref.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        gray = 255.0 - gray  # medical_io showed MONOCHROME1 inverted; undo before mapping back
     rows, cols = gray.shape
     ds = Dataset()
     for element in ref:
@@ -162,7 +169,9 @@ def derived_image_like_source(pixels: np.ndarray, source: MedicalImage, task: st
     position = np.array([float(v) for v in ref.ImagePositionPatient])
     position = position + orient[:3] * (new_col - old_col) / 2 + orient[3:] * (new_row - old_row) / 2
     ds.ImagePositionPatient = [round(float(v), 6) for v in position]
-    ds.ImageType = ["DERIVED", "SECONDARY", *list(ref.get("ImageType", []))[2:]]
+    image_type = ref.get("ImageType", [])
+    image_type = [image_type] if isinstance(image_type, str) else list(image_type)
+    ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
     ds.SOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = series_instance_uid
     ds.SeriesNumber, ds.InstanceNumber = series_number, instance_number
@@ -180,10 +189,15 @@ def derived_image_like_source(pixels: np.ndarray, source: MedicalImage, task: st
 
 
 def derived_image(pixels: np.ndarray, source: MedicalImage, task: str, description: str, series_instance_uid: str,
-                  series_number: int, instance_number: int = 1, series_description: str | None = None) -> Dataset:
-    """The derived image in the most faithful form the source allows (see the module docstring)."""
+                  series_number: int, instance_number: int = 1, series_description: str | None = None,
+                  from_source: bool = True) -> Dataset:
+    """The derived image in the most faithful form the source allows (see the module docstring). With
+    ``from_source=False`` (an image generated from text) it is a Secondary Capture in the source's study
+    that claims no geometry and references no source image."""
     args = (pixels, source, task, description, series_instance_uid, series_number, instance_number,
             series_description)
+    if not from_source:
+        return derived_secondary_capture(*args, from_source=False)
     return derived_image_like_source(*args) or derived_secondary_capture(*args)
 
 

@@ -38,7 +38,6 @@ def write_nifti_slice(image: Image.Image, source: MedicalImage, path: Path) -> P
     img = nib.Nifti1Image(data, out)
     img.header["descrip"] = b"SYNTHETIC: AI-generated (UniMedVL)"
     img.header["intent_name"] = b"synthetic"
-    path = path.with_suffix("").with_suffix(".nii.gz") if path.suffix != ".gz" else path
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(path))
     return path
@@ -48,13 +47,13 @@ def write_image_outputs(image: Image.Image, source: MedicalImage | None, out: Pa
                         series_uid: str, instance: int) -> list[Path]:
     """PNG (with the synthetic labels of ``image.info``), plus DICOM or NIfTI matching the source."""
     image.info.setdefault("Comment", SYNTHETIC_NOTICE)
-    written = [save_png(image, out.with_suffix(".png"))]
+    written = [save_png(image, out.parent / f"{out.name}.png")]  # names may contain dots (UIDs)
     if source is not None and source.dataset is not None:
         ds = derived_image(np.asarray(image.convert("RGB")), source, task, description, series_uid,
                                        series_number=OUTPUT_SERIES_NUMBER, instance_number=instance)
-        written.append(write_dicom(ds, out.with_suffix(".dcm")))
+        written.append(write_dicom(ds, out.parent / f"{out.name}.dcm"))
     elif source is not None and "affine" in source.geometry:
-        nifti = write_nifti_slice(image, source, out.with_suffix(".nii.gz"))
+        nifti = write_nifti_slice(image, source, out.parent / f"{out.name}.nii.gz")
         if nifti is not None:
             written.append(nifti)
     return written

@@ -85,10 +85,10 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volume is None:
             raise ValueError("choose an input volume")
         if self.ui.useViewSliceCheck.checked:
-            offset = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode().GetSliceOffset()
-            ras = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode().GetSliceToRAS()
-            point = (ras.GetElement(0, 3), ras.GetElement(1, 3), offset)
-            return volume, UniMedVLLogic.slice_index_from_ras(volume, point)
+            slice_to_ras = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode().GetSliceToRAS()
+            point = tuple(slice_to_ras.GetElement(r, 3) for r in range(3))
+            normal = tuple(slice_to_ras.GetElement(r, 2) for r in range(3))
+            return volume, UniMedVLLogic.slice_index_from_ras(volume, point, normal)
         return volume, int(self.ui.sliceSpin.value)
 
     def _set_busy(self, busy: bool, text: str = ""):
@@ -132,6 +132,7 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.maximum = max(total, 1)
                 self.ui.progressBar.value = step
             elif kind == "text":
+                self.ui.chatBrowser.moveCursor(qt.QTextCursor.End)
                 self.ui.chatBrowser.insertPlainText(value)
             elif kind == "done":
                 callback, result = value
@@ -155,6 +156,8 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.heightSpin.singleStep = self.ui.widthSpin.singleStep = info.get("size_multiple", 16)
 
     def onAsk(self):
+        if self._busy:  # Enter in the question box while a request runs
+            return
         with slicer.util.tryWithErrorDisplay("Could not ask.", waitCursor=False):
             volume, k = self._volume_and_slice()
             question = self.ui.questionEdit.text.strip()

@@ -264,7 +264,9 @@ class UniMedVLWriterOperator(Operator):
                 for n, item in enumerate(images, start=1):
                     pixels = np.asarray(item["image"].convert("RGB"))
                     description = item["image"].info.get("Description", task)
-                    ds = derived_image(pixels, item["source"], task, description, series_uid, series_number, n)
+                    # text-to-image joins the study but claims neither geometry nor a source image
+                    ds = derived_image(pixels, item["source"], task, description, series_uid, series_number, n,
+                                       from_source=task != "text_to_image")
                     stem = f"{task}_{res.series.series_uid[-12:]}_{n:04d}"
                     dcm = write_dicom(ds, out / "dicom" / f"{stem}.dcm")
                     png = save_png(item["image"], out / "png" / f"{stem}.png")

@@ -25,6 +25,8 @@ import io
 import json
 import logging
 import queue
+import re
+import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,7 +41,7 @@ from pydantic import BaseModel, Field
 from .. import __version__
 from ..medical_io import ImageReadError, MedicalImage, read_image
 from ..preprocessing import MAX_INPUT_PIXELS
-from .worker import Job, JobCancelled, ModelWorker, QueueFull
+from .worker import Job, JobCancelled, JobTimeout, ModelWorker, QueueFull
 
 __all__ = ["Settings", "create_app", "IMAGE_TASKS"]
 
@@ -113,8 +115,17 @@ def _decode_upload(data: bytes, filename: str, settings: Settings) -> MedicalIma
     except ImageReadError as err:
         status = 413 if "exceeds" in str(err) else 400
         raise _bad(status, f"{name}: {err}") from None
+    except Image.DecompressionBombError:
+        raise _bad(413, f"{name}: image too large") from None
     except (UnidentifiedImageError, ValueError, OSError, pydicom.errors.InvalidDicomError) as err:
         raise _bad(400, f"{name}: not a readable image ({type(err).__name__})") from None
+    except Exception as err:  # corrupt files can fail in many ways inside the readers
+        raise _bad(400, f"{name}: unreadable ({type(err).__name__})") from None
+
+
+def _read(upload: UploadFile, settings: Settings) -> bytes:
+    """The upload's bytes, reading no more than one byte past the limit (the size check comes next)."""
+    return upload.file.read(settings.max_upload_bytes + 1)
 
 
 def _image_response(image: Image.Image, output: str, source: MedicalImage | None, task: str,
@@ -147,7 +158,8 @@ def _image_response(image: Image.Image, output: str, source: MedicalImage | None
 
 
 def _ascii(text: str) -> str:
-    return text.encode("ascii", "replace").decode("ascii").replace("\n", " ")
+    """Header-safe: ASCII without control characters."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", text.encode("ascii", "replace").decode("ascii"))
 
 
 def create_app(model=None, loader=None, settings: Settings | None = None) -> FastAPI:
@@ -171,7 +183,7 @@ def create_app(model=None, loader=None, settings: Settings | None = None) -> Fas
         if settings.token is None:
             return
         header = request.headers.get("authorization", "")
-        if header != f"Bearer {settings.token}":
+        if not secrets.compare_digest(header.encode(), f"Bearer {settings.token}".encode()):
             raise HTTPException(status_code=401, detail="missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -188,6 +200,8 @@ def create_app(model=None, loader=None, settings: Settings | None = None) -> Fas
             raise _bad(429, str(err)) from None
         except JobCancelled:
             raise _bad(409, "the request was cancelled") from None
+        except JobTimeout as err:
+            raise _bad(504, str(err)) from None
         except ValueError as err:  # argument errors of the task API
             raise _bad(422, str(err)) from None
 
@@ -224,7 +238,7 @@ def create_app(model=None, loader=None, settings: Settings | None = None) -> Fas
             top_p: float = Form(1.0, gt=0.0, le=1.0), stream: bool = Form(False)):
         check_tokens(max_new_tokens)
         check_text("question", question)
-        src = _decode_upload(image.file.read(), image.filename, settings)
+        src = _decode_upload(_read(image, settings), image.filename, settings)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
         if not stream:
             return {"answer": run("vqa", lambda job: model_().answer(src, question, **kwargs))}
@@ -262,7 +276,7 @@ def create_app(model=None, loader=None, settings: Settings | None = None) -> Fas
                max_new_tokens: int = Form(512)):
         check_tokens(max_new_tokens)
         check_text("prompt", prompt)
-        src = _decode_upload(image.file.read(), image.filename, settings)
+        src = _decode_upload(_read(image, settings), image.filename, settings)
         text = run("report", lambda job: model_().generate_report(
             src, prompt=prompt, modality=modality or src.modality, max_new_tokens=max_new_tokens))
         return {"report": text}
@@ -336,20 +350,17 @@ def create_app(model=None, loader=None, settings: Settings | None = None) -> Fas
     @app.post("/v1/image-to-image/{task}", dependencies=[Depends(authorized)])
     def image_to_image(task: str, image: UploadFile = File(...), params: str = Form("{}"),
                        output: Literal["png", "npy", "dicom"] = Form("png")):
-        src = _decode_upload(image.file.read(), image.filename, settings)
+        src = _decode_upload(_read(image, settings), image.filename, settings)
         result, explanation = run(task, image_task_fn(task, src, parse_params(params)))
         headers = {"X-UniMedVL-Explanation": _ascii(explanation)[:2000]} if explanation else None
         return _image_response(result, output, src, task, headers)
 
     # ----- background jobs with progress -----
-    jobs_meta: dict[str, dict] = {}
-
     def submit(task: str, fn, meta: dict) -> JSONResponse:
         try:
-            job = worker().submit(task, fn)
+            job = worker().submit(task, fn, meta)
         except QueueFull as err:
             raise _bad(429, str(err)) from None
-        jobs_meta[job.id] = meta
         return JSONResponse(job.public(), status_code=202)
 
     @app.post("/v1/jobs/generate", status_code=202, response_model=JobInfo, dependencies=[Depends(authorized)])
@@ -360,7 +371,7 @@ def create_app(model=None, loader=None, settings: Settings | None = None) -> Fas
               dependencies=[Depends(authorized)])
     def job_image_to_image(task: str, image: UploadFile = File(...), params: str = Form("{}"),
                            output: Literal["png", "npy", "dicom"] = Form("png")):
-        src = _decode_upload(image.file.read(), image.filename, settings)
+        src = _decode_upload(_read(image, settings), image.filename, settings)
         return submit(task, image_task_fn(task, src, parse_params(params)),
                       {"output": output, "source": src, "task": task})
 
@@ -387,7 +398,7 @@ def create_app(model=None, loader=None, settings: Settings | None = None) -> Fas
         if job.status != "done":
             detail = job.error or job.status
             raise _bad(422 if isinstance(job.result, ValueError) else 409, f"job {job_id} {job.status}: {detail}")
-        meta = jobs_meta.get(job_id, {})
+        meta = job.meta
         result = job.result
         image, explanation = result if isinstance(result, tuple) else (result, None)
         headers = {"X-UniMedVL-Explanation": _ascii(explanation)[:2000]} if explanation else None

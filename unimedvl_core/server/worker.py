@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Job", "JobCancelled", "ModelWorker", "QueueFull"]
+__all__ = ["Job", "JobCancelled", "JobTimeout", "ModelWorker", "QueueFull"]
 
 
 class JobCancelled(Exception):
@@ -22,6 +22,10 @@ class JobCancelled(Exception):
 
 class QueueFull(Exception):
     """Too many requests are waiting."""
+
+
+class JobTimeout(Exception):
+    """A request waited longer than allowed; its job was cancelled."""
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Job:
     created: float = field(default_factory=time.time)
     cancel_requested: bool = False
     done_event: threading.Event = field(default_factory=threading.Event)
+    meta: dict = field(default_factory=dict)  # what the route needs to answer for the result
 
     def progress(self, step: int, total: int) -> None:
         """The sampler's callback: records progress and stops the run if it was cancelled."""
@@ -59,12 +64,12 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="unimedvl-model", daemon=True)
         self._thread.start()
 
-    def submit(self, task: str, fn: Callable[[Job], Any]) -> Job:
+    def submit(self, task: str, fn: Callable[[Job], Any], meta: dict | None = None) -> Job:
         with self._lock:
             waiting = sum(1 for j in self.jobs.values() if j.status in ("queued", "running"))
             if waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} requests are waiting; try again later")
-            job = Job(id=f"job-{next(self._ids)}", task=task, fn=fn)
+            job = Job(id=f"job-{next(self._ids)}", task=task, fn=fn, meta=meta or {})
             self.jobs[job.id] = job
             self._forget_old()
         self.queue.put(job)
@@ -73,7 +78,9 @@ class ModelWorker:
     def run(self, task: str, fn: Callable[[Job], Any], timeout: float | None = None) -> Any:
         """Submit and wait; re-raises the job's exception."""
         job = self.submit(task, fn)
-        job.done_event.wait(timeout)
+        if not job.done_event.wait(timeout):
+            self.cancel(job.id)
+            raise JobTimeout(f"{task} took longer than {timeout} s and was cancelled")
         if job.status == "failed":
             raise job.result  # the exception object
         if job.status == "cancelled":

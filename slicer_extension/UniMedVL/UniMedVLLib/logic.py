@@ -176,10 +176,20 @@ class UniMedVLLogic:
 
     # ----- inputs -----
     @staticmethod
-    def slice_index_from_ras(volume_node, ras: tuple[float, float, float]) -> int:
-        """The k index of the volume slice through a RAS point (e.g. a slice view's offset)."""
+    def slice_index_from_ras(volume_node, ras: tuple[float, float, float],
+                             view_normal: tuple[float, float, float] | None = None) -> int:
+        """The k index of the volume slice through a RAS point (e.g. a slice view's centre). With the view's
+        normal, the view must show the volume's k slices (not an oblique or other-axis reformat)."""
         import vtk
 
+        if view_normal is not None:
+            ijk_to_ras = vtk.vtkMatrix4x4()
+            volume_node.GetIJKToRASMatrix(ijk_to_ras)
+            k_axis = _matrix(ijk_to_ras)[:3, 2]
+            cosine = abs(np.dot(k_axis, view_normal)) / (np.linalg.norm(k_axis) * np.linalg.norm(view_normal))
+            if cosine < 0.99:
+                raise ValueError("the view does not show the volume's own slices (another axis or oblique); "
+                                 "pick the slice by index, or use the view matching the acquisition plane")
         ras_to_ijk = vtk.vtkMatrix4x4()
         volume_node.GetRASToIJKMatrix(ras_to_ijk)
         ijk = _matrix(ras_to_ijk) @ np.array([*ras, 1.0])

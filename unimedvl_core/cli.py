@@ -258,12 +258,12 @@ def _image_task(args, model) -> int:
         else:
             result = model.counterfactual_edit(src, args.instruction, **common)
             image, explanation = result.image, result.explanation
-        out = args.out / f"slice_{src.frame:04d}.png" if several else args.out
+        out = args.out / f"slice_{src.frame:04d}" if several else _stem(args.out)
         for path in write_image_outputs(image, src, out, args.command, image.info.get("Description", ""),
                                          series_uid, instance=i + 1):
             print(f"wrote {path}")
         if explanation is not None:
-            out.with_suffix(".txt").write_text(explanation + "\n")
+            (out.parent / f"{out.name}.txt").write_text(explanation + "\n")
             print(f"explanation: {explanation}")
     return 0
 

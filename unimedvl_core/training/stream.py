@@ -214,7 +214,8 @@ class Packer:
     def state(self) -> dict:
         return {"positions": copy.deepcopy(self.positions), "choice": self.choice.bit_generator.state,
                 "buffer": [list(s.key) for s in self.buffer], "packs": self.packs, "skipped": dict(self.skipped),
-                "dead": sorted(self.dead), "shard": self.shard, "num_shards": self.num_shards}
+                "dead": sorted(self.dead), "valid_in_epoch": list(self._valid_in_epoch), "shard": self.shard,
+                "num_shards": self.num_shards}
 
     def load_state(self, state: dict) -> None:
         if state.get("num_shards") not in (None, self.num_shards):
@@ -225,6 +226,8 @@ class Packer:
         self.packs = int(state["packs"])
         self.skipped = Counter(state.get("skipped", {}))
         self.dead = set(state.get("dead", []))
+        # Without it, a resume would drop every group whose epoch ends before it yields again.
+        self._valid_in_epoch = [bool(v) for v in state.get("valid_in_epoch", [True] * len(self.positions))]
         self.buffer = [self.factory.make(tuple(key)) for key in state["buffer"]]
 
     # ----- rows -----
@@ -304,9 +307,9 @@ class Packer:
 def assemble(samples: list[Sample], factory: SampleFactory, decode_batch=None) -> tuple[Pack, list[torch.Tensor]]:
     """Lay the samples out in one sequence; VAE images stay pixels for the trainer to encode."""
     if decode_batch is not None:
-        todo = [(s, i) for s in samples for i in s.sources]
-        tensors = decode_batch([s.sources[i] for s, i in todo], [s.sizes[i] for s, i in todo])
-        for (s, i), tensor in zip(todo, tensors):
+        pending = [(s, i) for s in samples for i in s.sources]
+        tensors = decode_batch([s.sources[i] for s, i in pending], [s.sizes[i] for s, i in pending])
+        for (s, i), tensor in zip(pending, tensors):
             s.images[i] = tensor
     config = factory.config
     builder = PackBuilder(factory.special)

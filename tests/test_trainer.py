@@ -107,6 +107,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, phantom_data, stage0):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.allclose(a[key], b[key], atol=1e-5), key
+    # The checkpoint it resumed from has been pruned by now; what it wrote must still load.
+    assert not (killed / "stage1" / "checkpoints" / "0000003").exists()
+    UniMedVL.from_pretrained(killed / "stage1" / "final", progress=False)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])

@@ -212,10 +212,12 @@ def save_checkpoint(out_dir: str | Path, config: UniMedVLConfig, weights: dict[s
     flux = {k: v.detach().cpu() for k, v in diffusers_to_flux(vae.state_dict(), config.vae).items()}
     atomic_save_safetensors(flux, out_dir / VAE_FILE)
     if tokenizer_dir is not None:
-        if tokenizer_dir.resolve() != out_dir.resolve():
-            for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).is_file():
-                    shutil.copyfile(tokenizer_dir / name, out_dir / name)
+        found = [name for name in TOKENIZER_FILES if (Path(tokenizer_dir) / name).is_file()]
+        if not found:
+            raise CheckpointError(f"no tokenizer files in {tokenizer_dir}; the checkpoint would not load")
+        if Path(tokenizer_dir).resolve() != out_dir.resolve():
+            for name in found:
+                shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
     elif tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return out_dir

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
-from ..checkpoint import VAE_FILE, WEIGHT_FILES, load_vae
+from ..checkpoint import TOKENIZER_FILES, VAE_FILE, WEIGHT_FILES, load_vae
 from ..config import UniMedVLConfig
 from ..model import UniMedVL
 from ..modeling.vae import patchify_latent, vae_encode
@@ -91,6 +91,17 @@ def initial_model(cfg: TrainConfig, stage: StageConfig) -> tuple[UniMedVL, dict 
                       "or run a VAE stage before it")
 
 
+def _stage_tokenizer(checkpoint: Path, stage_out: Path, info: DistInfo) -> Path:
+    folder = stage_out / "tokenizer"
+    if info.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copyfile(checkpoint / name, folder / name)
+    barrier(info)
+    return folder
+
+
 def apply_freezing(model: torch.nn.Module, optim: OptimConfig) -> None:
     for name, param in model.named_parameters():
         frozen = name.endswith("pos_embed")  # fixed sin-cos tables
@@ -142,7 +153,8 @@ def train_curriculum_stage(cfg: TrainConfig, stage: StageConfig, info: DistInfo,
         state = json.loads((resume / STATE_FILE).read_text())
         model = UniMedVL.from_pretrained(resume, weights="model", dtype=torch.float32, device="cpu", progress=False)
         ema_init = load_file(str(resume / WEIGHT_FILES["ema"]))
-        tokenizer_dir, start = resume, int(state["step"])
+        # Copy the tokenizer out of the checkpoint: pruning will delete the checkpoint we resume from.
+        tokenizer_dir, start = _stage_tokenizer(resume, out, info), int(state["step"])
         if info.main:
             log.info("resuming stage %d from %s (step %d)", stage.stage, resume, start)
     else:

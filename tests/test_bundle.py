@@ -39,6 +39,18 @@ def test_metadata_is_valid_against_the_schema(tmp_path):
     assert meta["version"] in meta["changelog"]
 
 
+def test_eval_metrics_are_the_embedded_models_measured_scores():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())["eval_metrics"]
+    scores = json.loads((REPO / "unimedvl_core" / "default_model" / "scores.json").read_text())
+    names = {"vqa_closed_accuracy": "vqa_closed_accuracy", "vqa_count_accuracy": "vqa_count_accuracy",
+             "report_count_accuracy": "report_count_accuracy", "t2i_lesion_count_match": "t2i_count_match",
+             "sr4x_psnr": "sr_psnr", "sr4x_bicubic_psnr": "sr_bicubic_psnr", "sr4x_ssim": "sr_ssim",
+             "sr4x_bicubic_ssim": "sr_bicubic_ssim"}
+    assert set(meta) == {f"phantom_{k}" for k in names}
+    for key, source in names.items():
+        assert meta[f"phantom_{key}"] == pytest.approx(scores[source], abs=0.006), key
+
+
 @pytest.mark.parametrize("files,workflow", [
     (["inference.json"], "infer"),
     (["train.json", "stage1.json"], "train"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the embedded default model: phantom data, the whole curriculum, export, and its scores on
 # phantoms generated afresh (a different seed from the training data).
-#   bash training/build_default_model.sh            (about 2-3 hours on 2 CPU cores)
+#   bash training/build_default_model.sh            (about 3 hours on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${DATA:-data/phantoms}

@@ -13,6 +13,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from unimedvl_core.cli import main
+from unimedvl_core.phantoms import parse_count
 
 from .conftest import PARITY, PARITY_CKPT, dciodvfy_errors
 
@@ -88,5 +89,16 @@ def test_console_script_runs_the_demo_on_the_embedded_default(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["outputs"]) == {"vqa", "report", "text_to_image", "super_resolution", "edit"}
     assert (tmp_path / "edit.dcm").is_file() and (tmp_path / "text_to_image.png").is_file()
-    if not summary["trained"]:
-        assert "randomly initialised" in result.stderr
+    assert summary["model"] == "embedded default (phantom-trained)"
+    # The trained default reads the phantom's lesion count (deterministic: greedy decoding).
+    assert parse_count(next(iter(summary["outputs"]["vqa"].values()))) == summary["truth"]["lesions"]
+    assert pydicom.dcmread(tmp_path / "edit.dcm").SyntheticData == "YES"
+
+
+def test_an_incomplete_embedded_model_is_a_clear_error(tmp_path, monkeypatch):
+    import unimedvl_core.defaults as defaults
+    from unimedvl_core.checkpoint import CheckpointError
+
+    monkeypatch.setattr(defaults, "DEFAULT_MODEL_DIR", tmp_path)
+    with pytest.raises(CheckpointError, match="ema.safetensors, ae.safetensors missing"):
+        defaults.load_default_model()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from pydicom.uid import generate_uid
 
 from . import __version__
@@ -275,35 +276,83 @@ def _generate(args, model) -> int:
     return 0
 
 
-def _demo(args, model) -> int:
-    """Every task once on a bundled DICOM CT slice, outputs in one folder with a summary."""
+def _phantom_ct_dicom(image, seed: int):
+    """A phantom CT slice as a DICOM CT image (Hounsfield units under a 40/400 window), on the header of
+    pydicom's bundled CT test file with a new synthetic patient, study and series."""
+    import numpy as np
+    import pydicom
     from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = (image[..., 0].astype(np.float64) / 255.0 - 0.5) * 400.0 + 40.0
+    ds.Rows, ds.Columns = hu.shape
+    ds.PixelSpacing = [float(v) * 128 / hu.shape[0] for v in ds.PixelSpacing]  # same field of view
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = (np.round(hu) + 1024).astype(np.int16).tobytes()
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.PatientName, ds.PatientID = "PHANTOM^DEMO", f"PHANTOM{seed}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.SyntheticData = "YES"
+    ds.SeriesDescription = "Procedural phantom (synthetic)"
+    return ds
+
+
+def _demo(args, model) -> int:
+    """Every task once on a procedural phantom CT slice in DICOM, with its ground truth beside the answers."""
+    import numpy as np
+
+    from .evaluation import psnr_ssim
+    from .phantoms import REMOVE_LESIONS, analyze, caption, degrade_for_super_resolution, render, sample_phantom
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    ct = read_slices(get_testdata_file("CT_small.dcm"))[0]
+    rng = np.random.default_rng(args.seed)
+    phantom = sample_phantom(rng, family="radiology", size=64, count=2, pid="demo")
+    pixels = render(phantom, "ct")
+    ct = read_slices(_phantom_ct_dicom(pixels, args.seed))[0]
+    thing = phantom.thing
     steps = dict(num_inference_steps=args.steps, progress=not args.no_progress)
-    summary = {"model": model.name, "trained": "randomly initialised" not in model.name, "outputs": {}}
+    summary = {"model": model.name, "input": "phantom CT slice (DICOM, synthetic)",
+               "truth": {"lesions": phantom.count}, "outputs": {}, "measured": {}}
     t0 = time.perf_counter()
-    summary["outputs"]["vqa"] = model.answer(ct, "Is there a lesion in this image?", max_new_tokens=24)
-    summary["outputs"]["report"] = model.generate_report(ct, modality=ct.modality, max_new_tokens=48)
-    series = generate_uid()
-    t2i = model.generate_image("Axial CT of the chest with two nodules", generator=torch.Generator().manual_seed(0),
-                               **steps)
+    question = f"How many {thing}s are there?"
+    summary["outputs"]["vqa"] = {question: model.answer(ct, question, max_new_tokens=12)}
+    summary["outputs"]["report"] = model.generate_report(ct, modality="CT", max_new_tokens=96)
+
+    wanted = sample_phantom(rng, family="radiology", size=64, count=1, pid="demo-t2i")
+    prompt = caption(wanted, "ct")
+    t2i = model.generate_image(prompt, generator=torch.Generator().manual_seed(args.seed), **steps)
     summary["outputs"]["text_to_image"] = str(save_png(t2i, out / "text_to_image.png"))
-    tasks = {
-        "super_resolution": lambda g: model.super_resolve(ct.to_pil().resize((64, 64)), scale=2, generator=g, **steps),
-        "edit": lambda g: model.edit_image(ct, "Remove the lesion from this CT image.", generator=g, **steps),
-    }
-    for name, run in tasks.items():
-        image = run(torch.Generator().manual_seed(0))
-        paths = write_image_outputs(image, ct, out / name, name, image.info.get("Description", ""), series, 1) \
-            if name == "edit" else [save_png(image, out / f"{name}.png")]
-        summary["outputs"][name] = [str(p) for p in paths]
+    summary["measured"]["text_to_image"] = {"prompt": prompt, "lesions_asked": wanted.count,
+                                            "lesions_found": analyze(t2i, "ct").count}
+
+    low = ct.to_pil().resize((16, 16), Image.Resampling.BOX)
+    sr = model.super_resolve(low, scale=4, generator=torch.Generator().manual_seed(args.seed), **steps)
+    summary["outputs"]["super_resolution"] = [str(save_png(sr, out / "super_resolution.png"))]
+    summary["measured"]["super_resolution_psnr_db"] = {
+        "model": round(psnr_ssim(np.asarray(sr), pixels)[0], 2),
+        "bicubic": round(psnr_ssim(degrade_for_super_resolution(pixels), pixels)[0], 2)}
+
+    edit = model.counterfactual_edit(ct, REMOVE_LESIONS.format(things=f"{thing}s"),
+                                     generator=torch.Generator().manual_seed(args.seed), max_explanation_tokens=48,
+                                     **steps)
+    paths = write_image_outputs(edit.image, ct, out / "edit", "counterfactual", edit.image.info.get("Description", ""),
+                                generate_uid(), 1)
+    summary["outputs"]["edit"] = [str(p) for p in paths]
+    summary["measured"]["edit"] = {"explanation": edit.explanation, "lesions_after": analyze(edit.image, "ct").count}
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"model: {model.name}; input: a phantom CT slice with {phantom.count} {thing}s")
     for key, value in summary["outputs"].items():
         print(f"{key}: {value}")
+    for key, value in summary["measured"].items():
+        print(f"measured {key}: {value}")
     print(f"wrote {out / 'summary.json'} ({summary['seconds']} s)")
     return 0
 

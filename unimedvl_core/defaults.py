@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
-from .checkpoint import WEIGHT_FILES
-from .config import UniMedVLConfig
+from .checkpoint import VAE_FILE, WEIGHT_FILES, CheckpointError
 from .model import UniMedVL
 
-__all__ = ["DEFAULT_MODEL_DIR", "RANDOM_MODEL_NOTICE", "default_model_is_trained", "load_default_model",
-           "load_model"]
-
-log = logging.getLogger(__name__)
+__all__ = ["DEFAULT_MODEL_DIR", "load_default_model", "load_model"]
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-RANDOM_MODEL_NOTICE = ("NOTE: the embedded default model has no trained weights in this build; a randomly "
-                       "initialised model of its architecture is used, so its outputs are meaningless.")
-
-
-def default_model_is_trained() -> bool:
-    return (DEFAULT_MODEL_DIR / WEIGHT_FILES["ema"]).is_file()
 
 
 def load_default_model(device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                        progress: bool = True) -> UniMedVL:
-    if default_model_is_trained():
-        return UniMedVL.from_pretrained(DEFAULT_MODEL_DIR, device=device, dtype=dtype, progress=progress)
-    log.warning(RANDOM_MODEL_NOTICE)
-    model = UniMedVL.from_config(UniMedVLConfig.from_dir(DEFAULT_MODEL_DIR), DEFAULT_MODEL_DIR, seed=0,
-                                 device=device, dtype=dtype or torch.float32)
-    model.name = "embedded default (randomly initialised)"
+    missing = [n for n in (WEIGHT_FILES["ema"], VAE_FILE) if not (DEFAULT_MODEL_DIR / n).is_file()]
+    if missing:
+        raise CheckpointError(f"the embedded default model is incomplete in this installation ({', '.join(missing)} "
+                              f"missing from {DEFAULT_MODEL_DIR}); reinstall the package or pass --ckpt DIR")
+    model = UniMedVL.from_pretrained(DEFAULT_MODEL_DIR, device=device, dtype=dtype, progress=progress)
+    model.name = "embedded default (phantom-trained)"
     return model
 
 

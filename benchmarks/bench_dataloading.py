@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from unimedvl_core.preprocessing import to_model_tensor, to_rgb
+from unimedvl_core.modeling.preprocessing import to_model_tensor, to_rgb
 from unimedvl_core.training.dali import DaliDecoder
 from unimedvl_core.training.datasets import ImageSource
 
@@ -39,7 +39,7 @@ class PilImages(Dataset):
 
 
 def write_images(folder: Path, n: int, size: int) -> list[Path]:
-    from unimedvl_core.phantoms import FAMILY_STYLES, render, sample_phantom
+    from unimedvl_core.data.phantoms import FAMILY_STYLES, render, sample_phantom
 
     rng = np.random.default_rng(0)
     paths = []

@@ -31,7 +31,7 @@ PARITY = REPO / "tests" / "fixtures" / "parity"
 _LOAD_PROBE = """
 import re, sys, torch
 from unimedvl_core import UniMedVL
-import unimedvl_core.model, unimedvl_core.checkpoint
+import unimedvl_core.inference.model, unimedvl_core.io.checkpoint
 torch.set_num_threads(2)
 def kb(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
@@ -48,7 +48,7 @@ def checkpoint_for(name: str, workdir: Path) -> Path:
     if name == "tiny":
         return PARITY / "tiny_s0"
     from unimedvl_core import UniMedVL
-    from unimedvl_core.config import UniMedVLConfig
+    from unimedvl_core.modeling.config import UniMedVLConfig
 
     config = UniMedVLConfig.from_preset(REPO / "configs" / "models" / f"{name}.json")
     model = UniMedVL.from_config(config, REPO / "unimedvl_core" / "default_model", seed=0, zero_llm2vae=False)

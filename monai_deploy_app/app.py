@@ -24,8 +24,8 @@ from monai.deploy.core import Application
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 
-from unimedvl_core.deploy.config import load_deploy_config
-from unimedvl_core.deploy.operators import (
+from unimedvl_core.surfaces.deploy.config import load_deploy_config
+from unimedvl_core.surfaces.deploy.operators import (
     SliceSelectionOperator,
     UniMedVLTaskOperator,
     UniMedVLWriterOperator,

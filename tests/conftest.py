@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unimedvl_core.config import UniMedVLConfig, VAEConfig
+from unimedvl_core.modeling.config import UniMedVLConfig, VAEConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PARITY = FIXTURES / "parity"
@@ -38,11 +38,19 @@ def random_model(seed: int = 0, **config_overrides):
     return UniMedVL.from_config(tiny_config(**config_overrides), PARITY_CKPT, seed=seed, zero_llm2vae=False)
 
 
-@pytest.fixture(scope="session")
-def parity_model():
+# Parity runs on every device present: the CPU always, CUDA on a machine with a GPU (fp32 there too, with
+# TF32 off, since the published outputs are fp32).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(scope="session", params=DEVICES)
+def parity_model(request):
     from unimedvl_core import UniMedVL
 
-    return UniMedVL.from_pretrained(PARITY_CKPT, device="cpu", progress=False)
+    if request.param == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return UniMedVL.from_pretrained(PARITY_CKPT, device=request.param, dtype=torch.float32, progress=False)
 
 
 @pytest.fixture(scope="session")

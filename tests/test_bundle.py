@@ -68,18 +68,21 @@ def test_workflow_properties(files, workflow):
 def test_inference_answers_every_sample_input(tmp_path):
     out = tmp_path / "vqa"
     bundle_run("--config_file", str(CONFIGS / "inference.json"), "--output_dir", str(out),
-               "--max_new_tokens", "8", cwd=tmp_path)
+               "--task_params#max_new_tokens", "8", cwd=tmp_path)
     results = json.loads((out / "results.json").read_text())
-    inputs = sorted(Path(r["input"]).name for r in results["results"])
+    inputs = sorted({Path(r["input"]).name for r in results["results"]})
     assert inputs == ["ct_phantom.png", "dicom_ct_series", "mr_t2_phantom.nii.gz", "xray_phantom.png"]
-    assert all(len(r["answers"]) == 2 and all(isinstance(a["answer"], str) for a in r["answers"])
-               for r in results["results"])
+    questions = json.loads((CONFIGS / "inference.json").read_text())["questions"]
+    for name in inputs:  # each input: one answer per question, with the registry's parameters recorded
+        records = [r for r in results["results"] if Path(r["input"]).name == name]
+        assert [r["parameters"]["question"] for r in records] == questions
+        assert all(isinstance(r["text"], str) and r["parameters"]["max_new_tokens"] == 8 for r in records)
 
 
 def test_image_task_writes_labelled_png_dicom_and_nifti(tmp_path):
     out = tmp_path / "sr"
     bundle_run("--config_file", str(CONFIGS / "inference.json"), "--output_dir", str(out), "--task",
-               "contrast_translation", "--num_inference_steps", "2", "--slices", "all", cwd=tmp_path)
+               "contrast_translation", "--task_params#num_inference_steps", "2", "--slices", "all", cwd=tmp_path)
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 2 + 3 + 3  # two PNG inputs, three DICOM slices, three NIfTI slices
     assert all(Image.open(p).text["SyntheticData"] == "YES" for p in out.glob("*.png"))
@@ -98,14 +101,14 @@ def test_image_task_writes_labelled_png_dicom_and_nifti(tmp_path):
 def test_text_to_image_task(tmp_path):
     out = tmp_path / "t2i"
     bundle_run("--config_file", str(CONFIGS / "inference.json"), "--output_dir", str(out), "--task", "text_to_image",
-               "--prompts", "['CT image with one lesion.']", "--num_inference_steps", "2", cwd=tmp_path)
+               "--prompts", "['CT image with one lesion.']", "--task_params#num_inference_steps", "2", cwd=tmp_path)
     assert [p.name for p in out.glob("*.png")] == ["prompt_0000.png"]
     assert json.loads((out / "results.json").read_text())["results"][0]["synthetic"] is True
 
 
 @pytest.fixture(scope="module")
 def phantom_dirs(tmp_path_factory):
-    from unimedvl_core.phantoms import write_dataset
+    from unimedvl_core.data.phantoms import write_dataset
 
     root = tmp_path_factory.mktemp("bundle_phantoms")
     write_dataset(root / "train", 24, seed=31)

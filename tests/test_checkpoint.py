@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unimedvl_core import UniMedVL
-from unimedvl_core.checkpoint import CheckpointError
-from unimedvl_core.config import ConfigError
+from unimedvl_core.io.checkpoint import CheckpointError
+from unimedvl_core.modeling.config import ConfigError
 
 from .conftest import PARITY, PARITY_CKPT, random_model
 
@@ -135,7 +135,7 @@ def test_root_config_is_optional_and_released_values_apply(parity_copy):
     with pytest.raises(CheckpointError, match="does not match"):
         # without config.json the released FLUX VAE geometry applies, which this tiny ae does not have
         UniMedVL.from_pretrained(parity_copy, progress=False)
-    from unimedvl_core.config import UniMedVLConfig
+    from unimedvl_core.modeling.config import UniMedVLConfig
 
     config = UniMedVLConfig.from_dir(parity_copy)
     assert (config.latent_patch_size, config.max_latent_size, config.vit_max_num_patch_per_side) == (2, 64, 70)

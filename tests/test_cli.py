@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from unimedvl_core.cli import main
-from unimedvl_core.phantoms import parse_count
+from unimedvl_core.data.phantoms import parse_count
+from unimedvl_core.surfaces.cli import main
 
 from .conftest import PARITY, PARITY_CKPT, dciodvfy_errors
 
@@ -96,8 +96,8 @@ def test_console_script_runs_the_demo_on_the_embedded_default(tmp_path):
 
 
 def test_an_incomplete_embedded_model_is_a_clear_error(tmp_path, monkeypatch):
-    import unimedvl_core.defaults as defaults
-    from unimedvl_core.checkpoint import CheckpointError
+    import unimedvl_core.inference.embedded as defaults
+    from unimedvl_core.io.checkpoint import CheckpointError
 
     monkeypatch.setattr(defaults, "DEFAULT_MODEL_DIR", tmp_path)
     with pytest.raises(CheckpointError, match="ema.safetensors, ae.safetensors missing"):

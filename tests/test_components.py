@@ -8,22 +8,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unimedvl_core.checkpoint import build_empty_model
-from unimedvl_core.config import UniMedVLConfig
+from unimedvl_core.inference.sampling import branches_needed, combine_guidance, guidance_scales, make_scheduler
+from unimedvl_core.io.checkpoint import build_empty_model
 from unimedvl_core.modeling.attention import packed_attention_mask
+from unimedvl_core.modeling.config import UniMedVLConfig
 from unimedvl_core.modeling.embeddings import TimestepEmbedder, grid_position_ids, sincos_2d_table
 from unimedvl_core.modeling.kv_cache import KVCache
+from unimedvl_core.modeling.preprocessing import ResizeRule, TransformSet
 from unimedvl_core.modeling.siglip_navit import patchify_image
 from unimedvl_core.modeling.vae import diffusers_to_flux, flux_to_diffusers, patchify_latent, unpatchify_latent
-from unimedvl_core.preprocessing import ResizeRule, TransformSet
-from unimedvl_core.sampling import branches_needed, combine_guidance, guidance_scales, make_scheduler
 
 from .conftest import PARITY_CKPT
 
 REPO = PARITY_CKPT.parents[3]
 
 
-# ----- resize rules (spec 4.3 worked examples) -----
+# ----- resize rules (worked examples of docs/preprocessing.md#examples) -----
 RULES = TransformSet()
 VAE, VQA_VIT, GEN_VIT = RULES.gen_vae, RULES.vqa_vit, RULES.gen_vit
 
@@ -184,7 +184,7 @@ def test_guidance_renorm_min_and_disabled_text_scale():
         combine_guidance(vc, vt, vi, 4.0, 1.0, "bogus")
 
 
-# ----- attention masks (spec 3.7) -----
+# ----- attention masks (docs/token-layout.md#training-mask) -----
 def test_packed_mask_rules():
     # text (causal, 3) | ViT (full, 2) | noisy VAE (noise, 2) | text (causal, 2)
     mask = packed_attention_mask([3, 2, 2, 2], ["causal", "full", "noise", "causal"])

@@ -15,10 +15,10 @@ import yaml
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from unimedvl_core.deploy.config import DEFAULT_SELECTION, load_deploy_config
-from unimedvl_core.deploy.inputs import InputError, scan_dicom_folder
-from unimedvl_core.dicom_output import derived_image, report_sr
-from unimedvl_core.medical_io import read_image, read_slices
+from unimedvl_core.io.dicom_output import derived_image, report_sr
+from unimedvl_core.io.medical_io import read_image, read_slices
+from unimedvl_core.surfaces.deploy.config import DEFAULT_SELECTION, load_deploy_config
+from unimedvl_core.surfaces.deploy.inputs import InputError, scan_dicom_folder
 
 from .conftest import dciodvfy_errors
 
@@ -115,7 +115,7 @@ def test_other_sources_get_secondary_capture(tmp_path):
 
 
 def test_patient_orientation_letters_are_single(tmp_path):
-    from unimedvl_core.dicom_output import patient_orientation_of
+    from unimedvl_core.io.dicom_output import patient_orientation_of
 
     ds = pydicom.Dataset()
     ds.PatientOrientation = ["A", "FR"]  # mammography MLO
@@ -172,7 +172,7 @@ def test_task_file_and_app_manifest():
 def test_bad_task_files(tmp_path):
     bad = tmp_path / "t.yaml"
     bad.write_text("tasks: [{task: vqa}]")
-    with pytest.raises(ValueError, match="needs questions"):
+    with pytest.raises(ValueError, match="question: required"):
         load_deploy_config(bad)
     bad.write_text("tasks: [{task: teleport}]")
     with pytest.raises(ValueError, match="unknown task"):

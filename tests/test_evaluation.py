@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unimedvl_core.evaluation import (
+from unimedvl_core.data.evaluation import (
     closed_correct,
     extract_choice,
     fid_score,

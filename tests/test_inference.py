@@ -1,5 +1,5 @@
 """Inference paths against independent recomputations: cache vs full sequence, batched vs separate
-guidance branches, and the worked token layouts of spec 3.10."""
+guidance branches, and the worked token layouts of docs/token-layout.md."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 
 from unimedvl_core.inference.context import Context, image_routing
 from unimedvl_core.inference.image_generation import Branch, GuidanceSettings, denoise
+from unimedvl_core.inference.sampling import combine_guidance, guidance_scales, make_scheduler
+from unimedvl_core.modeling.packing import PackBuilder
 from unimedvl_core.modeling.vae import patchify_latent, vae_encode
-from unimedvl_core.packing import PackBuilder, forward_pack
-from unimedvl_core.sampling import combine_guidance, guidance_scales, make_scheduler
 
 
 def _image(h=56, w=70, seed=0):
@@ -20,7 +20,7 @@ def _image(h=56, w=70, seed=0):
 def test_cached_decoding_equals_full_recompute(tiny_model):
     m = tiny_model
     image = _image()
-    question = m._encode("Is there a nodule in the left lung?")
+    question = m.encode_text("Is there a nodule in the left lung?")
     context = Context(m.model, m.special, 200)
     context.add_vit_image(image)
     from unimedvl_core.inference.text_generation import decode_text
@@ -30,21 +30,21 @@ def test_cached_decoding_equals_full_recompute(tiny_model):
     builder = PackBuilder(m.special)
     builder.add_vit_image(image, m.config.vit_patch_size)
     builder.add_text(question)
-    builder.add_open_text([m.special.bos, *out.token_ids[:-1]])
+    builder.add_open_text([m.special.im_start, *out.token_ids[:-1]])
     pack = builder.build()
     with torch.inference_mode():
-        hidden = forward_pack(m.model, pack)
+        hidden = m.model.forward_pack(pack)
         logits = m.model.text_logits(hidden[-len(out.token_ids):]).float()
     assert torch.allclose(logits, out.logits, atol=2e-5), (logits - out.logits).abs().max()
 
 
 def test_vqa_layout_positions_and_cache_lengths(tiny_model):
-    """Spec 3.10 worked layout: one 518x518 image -> 37*37 ViT tokens at position 0 (kv 1371), the text at
-    positions 1..n+2, decoding starts at n+3."""
+    """The worked VQA layout (docs/token-layout.md): one 518x518 image -> 37*37 ViT tokens at position 0
+    (kv 1371), the text at positions 1..n+2, decoding starts at n+3."""
     m = tiny_model
-    ids = m._encode("Describe the image.")
+    ids = m.encode_text("Describe the image.")
     n = len(ids)
-    context = Context(m.model, m.special, 1371 + n + 2)
+    context = Context(m.model, m.special, Context.capacity_for(text=[n], images=[37 * 37]))
     context.add_vit_image(torch.zeros(3, 518, 518))
     assert (context.length, context.rope) == (1371, 1)
     context.add_text(ids)
@@ -54,7 +54,7 @@ def test_vqa_layout_positions_and_cache_lengths(tiny_model):
 def test_edit_layout_positions(tiny_model):
     """VAE block at 0, ViT block at 1, text at 2..n+3, noisy block at n+4; cfg-text branch queries at 2."""
     m = tiny_model
-    ids = m._encode("Translate to FLAIR.")
+    ids = m.encode_text("Translate to FLAIR.")
     n = len(ids)
     builder = PackBuilder(m.special)
     pos = m.model.latent_position_ids(2, 2)
@@ -97,7 +97,7 @@ def _edit_contexts(m, image, ids):
 def test_batched_guidance_equals_three_separate_passes(tiny_model):
     m = tiny_model
     image = _image(32, 32, seed=1)
-    ids = m._encode("Remove the lesion.")
+    ids = m.encode_text("Remove the lesion.")
     cond, image_only, text_only = _edit_contexts(m, image, ids)
     settings = _settings()
     h = w = 2
@@ -130,7 +130,7 @@ def test_denoising_velocity_equals_training_forward(tiny_model):
     """The noisy block seen through the cache gives the velocity the packed training forward gives."""
     m = tiny_model
     image = _image(32, 32, seed=2)
-    ids = m._encode("Make it brighter.")
+    ids = m.encode_text("Make it brighter.")
     cond, _, _ = _edit_contexts(m, image, ids)
     h = w = 2
     x_t = torch.randn(h * w, m.config.patch_latent_dim, generator=torch.Generator().manual_seed(5))
@@ -150,10 +150,10 @@ def test_denoising_velocity_equals_training_forward(tiny_model):
         builder.add_vit_image(image[:, :28, :28], 14)
         builder.add_text(ids)
         builder.add_vae_image(torch.zeros_like(x_t), h, w, pos, timestep=0.6)
-        builder.add_text(m._encode("Done."), loss=True)  # a later block must not change the noisy tokens
+        builder.add_text(m.encode_text("Done."), loss=True)  # a later block must not change the noisy tokens
         pack = builder.build()
         inputs = torch.cat([clean, x_t])
-        hidden = forward_pack(m.model, pack, vae_inputs=inputs)
+        hidden = m.model.forward_pack(pack, vae_inputs=inputs)
         target_positions = pack.vae_index[pack.mse_index]
         v_pack = m.model.velocity(hidden[target_positions])
     assert torch.allclose(v_cache, v_pack, atol=2e-5), (v_cache - v_pack).abs().max()

@@ -11,7 +11,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
-from unimedvl_core.medical_io import MAX_DECLARED_BYTES, ImageReadError, read_image, read_slices
+from unimedvl_core.io.medical_io import MAX_DECLARED_BYTES, ImageReadError, read_image, read_slices
 
 
 def bundled(name: str) -> str:

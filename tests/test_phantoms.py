@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from unimedvl_core.phantoms import (
+from unimedvl_core.data.phantoms import (
     FAMILY_STYLES,
     REMOVE_LESIONS,
     analyze,

@@ -13,7 +13,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from unimedvl_core.server.app import Settings, create_app, serve
+from unimedvl_core.surfaces.server.app import Settings, create_app, serve
+from unimedvl_core.tasks.catalog import TASKS
+from unimedvl_core.tasks.params import Param
+from unimedvl_core.tasks.registry import ModelLimits, Task, TaskResult
 
 from .conftest import random_model
 
@@ -23,8 +26,7 @@ TOKEN = "s3cret"
 @pytest.fixture(scope="module")
 def client():
     model = random_model(seed=3)
-    app = create_app(model=model, settings=Settings(token=TOKEN, max_steps=30, max_new_tokens=64,
-                                                    max_image_pixels=1_000_000))
+    app = create_app(model=model, settings=Settings(token=TOKEN, max_image_pixels=1_000_000))
     with TestClient(app) as c:
         c.headers.update({"Authorization": f"Bearer {TOKEN}"})
         yield c
@@ -45,13 +47,16 @@ def npy_bytes(array) -> bytes:
 def test_health_info_and_auth(client):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
-    assert info["tasks"][:3] == ["vqa", "report", "generate"] and info["limits"]["max_steps"] == 30
+    assert info["tasks"] == TASKS.names() and info["limits"]["max_image_pixels"] == 1_000_000
+    assert info["tasks"][:3] == ["vqa", "report", "text_to_image"]
+    assert info["limits"]["max_image_side"] == client.app.state.model.config.max_image_side
     anonymous = TestClient(client.app)
     assert anonymous.get("/health").status_code == 200  # liveness needs no token
     assert anonymous.get("/info").status_code == 401
     assert anonymous.post("/v1/generate", json={"prompt": "x"}).status_code == 401
     schema = client.get("/openapi.json").json()
-    assert {"/v1/vqa", "/v1/generate", "/v1/image-to-image/{task}", "/v1/jobs/{job_id}"} <= set(schema["paths"])
+    assert {"/v1/vqa", "/v1/generate", "/v1/image-to-image/{task}", "/v1/jobs/{job_id}", "/v1/tasks",
+            "/v1/tasks/{name}"} <= set(schema["paths"])
 
 
 def test_vqa_with_png_npy_and_dicom_inputs(client):
@@ -167,3 +172,134 @@ def test_jobs_report_progress_and_can_be_cancelled(client):
 def test_serving_beyond_loopback_needs_a_token():
     with pytest.raises(ValueError, match="needs --token"):
         serve(None, "0.0.0.0", 8999, token=None)
+
+
+# ----- the task registry is the server's only source of tasks, parameters, defaults and limits -----
+def test_tasks_document_is_the_registrys(client):
+    model = client.app.state.model
+    assert client.get("/v1/tasks").json() == TASKS.describe(ModelLimits.of(model.config))
+    assert TestClient(client.app).get("/v1/tasks").status_code == 401
+
+
+def test_request_schemas_expose_every_parameter_with_the_registrys_defaults(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    t2i = TASKS.get("text_to_image")
+    body = schemas["GenerateRequest"]["properties"]
+    assert set(body) == {p.name for p in t2i.params} | {"output"}
+    for p in t2i.params:
+        assert body[p.name].get("default") == p.describe()["default"], p.name
+    assert body["num_inference_steps"]["maximum"] == t2i.param("num_inference_steps").maximum
+    for route, name in (("vqa_v1_vqa_post", "vqa"), ("report_v1_report_post", "report")):
+        form = schemas[f"Body_{route}"]["properties"]
+        assert {p.name for p in TASKS.get(name).params} <= set(form)
+    # editing parameters the old server did not take
+    r = client.post("/v1/image-to-image/edit", files={"image": ("a.png", png_bytes((32, 32)))},
+                    data={"params": json.dumps({"instruction": "x", "num_inference_steps": 1, "cfg_renorm_min": 0.5,
+                                                "vae_posterior": "sample", "analyze_first": False})})
+    assert r.status_code == 200, r.text
+
+
+def test_generation_defaults_are_the_registrys(client):
+    steps = TASKS.get("text_to_image").param("num_inference_steps").default
+    assert steps == 49
+    job = client.post("/v1/jobs/generate", json={"prompt": "CT", "height": 32, "width": 32}).json()["id"]
+    for _ in range(400):
+        status = client.get(f"/v1/jobs/{job}").json()
+        if status["total"]:
+            break
+        time.sleep(0.01)
+    client.delete(f"/v1/jobs/{job}")
+    assert status["total"] == steps
+
+
+@pytest.mark.parametrize("method,path,kwargs,name", [
+    ("post", "/v1/generate", {"json": {"prompt": "x", "num_inference_steps": 500}}, "num_inference_steps"),
+    ("post", "/v1/generate", {"json": {"prompt": "x", "warp": 1}}, "warp"),
+    ("post", "/v1/generate", {"json": {"prompt": "x", "height": 33, "width": 32}}, "height"),
+    ("post", "/v1/image-to-image/edit", {"files": {"image": ("a.png", png_bytes())},
+                                         "data": {"params": '{"instruction": "x", "warp": 1}'}}, "warp"),
+    ("post", "/v1/image-to-image/stain", {"files": {"image": ("a.png", png_bytes())},
+                                          "data": {"params": '{"timestep_shift": 0}'}}, "timestep_shift"),
+    ("post", "/v1/vqa", {"files": {"image": ("a.png", png_bytes())},
+                         "data": {"question": "x", "max_new_tokens": 99999}}, "max_new_tokens"),
+    ("post", "/v1/vqa", {"files": {"image": ("a.png", png_bytes())}, "data": {"question": "x", "beams": 4}}, "beams"),
+    ("post", "/v1/tasks/report", {"files": {"image": ("a.png", png_bytes())},
+                                  "data": {"params": '{"top_p": 2}'}}, "top_p"),
+])
+def test_bad_parameters_are_422_naming_the_parameter(client, method, path, kwargs, name):
+    r = getattr(client, method)(path, **kwargs)
+    assert r.status_code == 422, r.text
+    assert name in json.dumps(r.json()["detail"])
+
+
+def test_old_and_dashed_task_names_are_accepted(client):
+    for spelling in ("stain", "virtual-staining"):
+        r = client.post(f"/v1/image-to-image/{spelling}", files={"image": ("a.png", png_bytes((16, 16)))},
+                        data={"params": json.dumps({"num_inference_steps": 1}), "output": "npy"})
+        assert r.status_code == 200, r.text
+        assert r.headers["X-UniMedVL-Task"] == "virtual_staining" and r.headers["X-UniMedVL-Synthetic"] == "YES"
+    r = client.post("/v1/image-to-image/vqa", files={"image": ("a.png", png_bytes())})
+    assert r.status_code == 404 and "virtual_staining" in r.json()["detail"]  # names the valid tasks
+
+
+def test_generic_route_runs_builtin_tasks(client):
+    r = client.post("/v1/tasks/vqa", files={"image": ("a.png", png_bytes())},
+                    data={"params": json.dumps({"question": "Any lesion?", "max_new_tokens": 2})})
+    assert r.status_code == 200, r.text
+    assert r.json()["task"] == "vqa" and isinstance(r.json()["text"], str) and r.json()["image"] is None
+    r = client.post("/v1/tasks/generate", data={"params": json.dumps({"prompt": "CT", "height": 32, "width": 32,
+                                                                      "num_inference_steps": 1})})
+    assert r.status_code == 200 and r.headers["X-UniMedVL-Synthetic"] == "YES"
+    assert client.post("/v1/tasks/edit", data={"params": '{"instruction": "x"}'}).status_code == 422  # no image
+    r = client.post("/v1/tasks/teleport", data={"params": "{}"})
+    assert r.status_code == 404 and "text_to_image" in r.json()["detail"]
+
+
+@pytest.fixture
+def echo_upper():
+    """A toy text-to-text task registered for one test."""
+    task = Task("echo_upper", "upper-case a text", "text", "text",
+                (Param("text", "str", help="the text", required=True, max_length=100),),
+                lambda model, image, params, options: TaskResult("echo_upper", text=params["text"].upper()))
+    TASKS.register(task)
+    try:
+        yield task
+    finally:
+        TASKS.unregister(task.name)
+
+
+def test_a_registered_task_is_served_without_server_changes(tiny_model, echo_upper):
+    with TestClient(create_app(model=tiny_model)) as c:
+        doc = c.get("/v1/tasks").json()
+        assert echo_upper.describe() in doc["tasks"] and doc == TASKS.describe(ModelLimits.of(tiny_model.config))
+        assert "echo_upper" in c.get("/info").json()["tasks"]
+        r = c.post("/v1/tasks/echo_upper", data={"params": json.dumps({"text": "no effusion"})})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"task": "echo_upper", "text": "NO EFFUSION", "image": None}
+        r = c.post("/v1/tasks/echo-upper", data={"params": json.dumps({"text": "x" * 101})})
+        assert r.status_code == 422 and "text" in r.json()["detail"]
+        job = c.post("/v1/jobs/tasks/echo_upper", data={"params": '{"text": "ok"}'}).json()["id"]
+        for _ in range(200):
+            if c.get(f"/v1/jobs/{job}").json()["status"] == "done":
+                break
+            time.sleep(0.01)
+        assert c.get(f"/v1/jobs/{job}/result").json()["text"] == "OK"
+
+
+@pytest.mark.parametrize("task", [t.name for t in TASKS])
+def test_form_fields_derived_from_any_task_read_text_values(task):
+    """Multipart fields are text; every registry parameter type must come through them (numeric choices,
+    intervals, booleans) and resolve to the registry's defaults."""
+    from fastapi import FastAPI
+
+    from unimedvl_core.surfaces.server.schemas import endpoint
+
+    spec = TASKS.get(task)
+    app = FastAPI()
+    app.post("/x")(endpoint(lambda **values: spec.resolve(values), form=spec))
+    text = {"bool": lambda v: str(v).lower(), "interval": lambda v: ",".join(map(str, v))}
+    fields = {p.name: text.get(p.type, str)(p.default) for p in spec.params if p.default is not None}
+    fields.update({p.name: "x" for p in spec.params if p.required})
+    r = TestClient(app).post("/x", data=fields)
+    assert r.status_code == 200, r.text
+    assert r.json() == json.loads(json.dumps(spec.resolve(fields)))

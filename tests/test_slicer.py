@@ -27,7 +27,7 @@ vtk = pytest.importorskip("vtk")
 
 from UniMedVLLib.logic import SYNTHETIC_ATTRIBUTE, RemoteBackend, UniMedVLLogic, volume_array  # noqa: E402
 
-from unimedvl_core.client import Cancelled, ServerError  # noqa: E402
+from unimedvl_core.surfaces.client import Cancelled, ServerError  # noqa: E402
 
 from .conftest import PARITY_CKPT  # noqa: E402
 
@@ -48,7 +48,7 @@ def server_url():
            "--token", TOKEN]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
-    from unimedvl_core.client import UniMedVLClient
+    from unimedvl_core.surfaces.client import UniMedVLClient
 
     client = UniMedVLClient(url)
     deadline = time.time() + 180
@@ -166,7 +166,7 @@ def test_server_errors_reach_the_logic(logic, scene):
     with pytest.raises(ServerError) as err:
         logic.image_to_image(volume, 1, "edit", {"num_inference_steps": 2})  # edit needs an instruction
     assert err.value.status == 422
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown (image-to-image )?task"):
         logic.image_to_image(volume, 1, "teleport")
     with pytest.raises(ServerError) as err:
         UniMedVLLogic(RemoteBackend(logic.backend.client.url, "wrong")).compute_report(np.zeros((8, 8), np.uint8))

@@ -25,7 +25,7 @@ RECIPE = REPO / "tests" / "fixtures" / "training" / "tiny_recipe.yaml"
 
 @pytest.fixture(scope="module")
 def phantom_data(tmp_path_factory):
-    from unimedvl_core.phantoms import write_dataset
+    from unimedvl_core.data.phantoms import write_dataset
 
     out = tmp_path_factory.mktemp("phantoms")
     write_dataset(out, 24, seed=21)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimedvl_core.config import UniMedVLConfig
-from unimedvl_core.tokenizer import SpecialTokenIds, load_tokenizer
+from unimedvl_core.modeling.config import UniMedVLConfig
+from unimedvl_core.modeling.tokenizer import SpecialTokenIds, load_tokenizer
 from unimedvl_core.training.config import RecipeError, load_curriculum, load_recipe, load_registry
 from unimedvl_core.training.datasets import RecordError, record_plan
 from unimedvl_core.training.stream import NoValidSamples, Packer, SampleFactory, assemble, build_groups
@@ -97,7 +97,7 @@ def test_recipe_overrides_and_errors(tmp_path):
 # ----- packing -----
 @pytest.fixture(scope="module")
 def phantom_data(tmp_path_factory):
-    from unimedvl_core.phantoms import write_dataset
+    from unimedvl_core.data.phantoms import write_dataset
 
     out = tmp_path_factory.mktemp("phantoms")
     write_dataset(out, 16, seed=11)

@@ -11,11 +11,11 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "UniMedVL": "model", "CounterfactualResult": "model",
-    "UniMedVLConfig": "config", "VAEConfig": "config",
-    "MedicalImage": "medical_io", "ImageReadError": "medical_io", "read_image": "medical_io",
-    "read_slices": "medical_io",
-    "load_model": "defaults", "load_default_model": "defaults",
+    "UniMedVL": "inference.model", "CounterfactualResult": "inference.model",
+    "UniMedVLConfig": "modeling.config", "VAEConfig": "modeling.config",
+    "MedicalImage": "io.medical_io", "ImageReadError": "io.medical_io", "read_image": "io.medical_io",
+    "read_slices": "io.medical_io",
+    "load_model": "inference.embedded", "load_default_model": "inference.embedded",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -20,7 +20,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from UniMedVLLib.logic import TASK_LABELS, ChatTurn, LocalBackend, RemoteBackend, UniMedVLLogic
+from UniMedVLLib.logic import ChatTurn, LocalBackend, RemoteBackend, UniMedVLLogic, image_to_image_tasks, task_label
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 
@@ -58,8 +58,6 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(ui_widget)
         ui_widget.setMRMLScene(slicer.mrmlScene)
         self.ui.serverUrlEdit.text = os.environ.get("UNIMEDVL_SERVER", DEFAULT_URL)
-        for task, label in TASK_LABELS.items():
-            self.ui.taskCombo.addItem(label, task)
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
         self.ui.askButton.connect("clicked(bool)", self.onAsk)
         self.ui.questionEdit.connect("returnPressed()", self.onAsk)
@@ -154,6 +152,19 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             size = info.get("default_size") or [256, 256]
             self.ui.heightSpin.value, self.ui.widthSpin.value = size
             self.ui.heightSpin.singleStep = self.ui.widthSpin.singleStep = info.get("size_multiple", 16)
+            self._apply_task_registry(self.logic.backend.tasks())
+
+    def _apply_task_registry(self, document: dict):
+        """Task list and defaults from the backend's task registry (``GET /v1/tasks``): nothing is hard-coded."""
+        self.ui.taskCombo.clear()
+        for task in image_to_image_tasks(document):
+            self.ui.taskCombo.addItem(task_label(task["name"]), task["name"])
+        defaults = {p["name"]: p for t in document["tasks"] if t["name"] == "text_to_image" for p in t["params"]}
+        steps, guidance = defaults.get("num_inference_steps"), defaults.get("cfg_text_scale")
+        if steps:
+            self.ui.stepsSpin.maximum, self.ui.stepsSpin.value = steps.get("maximum", 1000), steps["default"]
+        if guidance:
+            self.ui.guidanceSpin.value = guidance["default"]
 
     def onAsk(self):
         if self._busy:  # Enter in the question box while a request runs
@@ -195,7 +206,7 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             prompt = self.ui.promptEdit.text.strip()
             modality = self.ui.modalityCombo.currentText
             if modality and modality != "(none)":
-                from unimedvl_core.prompts import text_to_image_prompt
+                from unimedvl_core.inference.prompts import text_to_image_prompt
 
                 prompt = text_to_image_prompt(modality, prompt)
             params = {**self._generation_params(), "height": int(self.ui.heightSpin.value),
@@ -226,13 +237,13 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             def done(result):
                 output, explanation = result
-                name = f"{TASK_LABELS[task]} of {volume.GetName()} slice {k}"
+                name = f"{task_label(task)} of {volume.GetName()} slice {k}"
                 node = self.logic.add_image_node(slicer.mrmlScene, output, name, name, source_node=volume, k=k)
                 if explanation:
                     self.ui.chatBrowser.append(f"\nExplanation (AI-generated): {explanation}\n")
                 slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.5)
 
-            self._start(f"{TASK_LABELS[task]}...", work, done)
+            self._start(f"{task_label(task)}...", work, done)
 
     def onCancel(self):
         self._cancel.set()

@@ -1,25 +1,30 @@
-"""Inference contexts: a prompt held as a KV-cache row plus its next rope position (spec 3.10).
+"""Inference contexts: a prompt held as a KV-cache row plus its next rope position (docs/token-layout.md).
 
-A context grows by blocks, each run through the LLM once and cached:
+A context grows by blocks, each run through the LLM once and cached; ``TokenLayout`` gives their sizes
+and positions, the same rules training packs are laid out with:
 
 - text: ``<|im_start|>`` ids ``<|im_end|>`` at consecutive positions, causal, understanding expert;
 - ViT image: ``<|vision_start|>`` N tokens ``<|vision_end|>`` at one position, bidirectional, understanding;
 - clean VAE image: the same layout with latent tokens on the generation expert (markers on understanding).
 
-The cache is allocated once for the whole planned prompt (``capacity``); blocks never reallocate it.
+The cache is allocated once for the whole planned prompt (``capacity``, see ``Context.capacity_for``);
+blocks never reallocate it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from ..modeling.attention import CachedAttention
 from ..modeling.kv_cache import KVCache
+from ..modeling.layout import TokenLayout, text_block_ids
 from ..modeling.qwen2_mot import ExpertRouting
+from ..modeling.tokenizer import SpecialTokenIds
 from ..modeling.unimedvl import UniMedVLModel
-from ..tokenizer import SpecialTokenIds
 
-__all__ = ["Context", "layer_devices", "text_block_len", "image_block_len"]
+__all__ = ["Context", "layer_devices", "image_routing"]
 
 
 def layer_devices(model: UniMedVLModel) -> list[torch.device]:
@@ -34,14 +39,6 @@ def layer_devices(model: UniMedVLModel) -> list[torch.device]:
     return devices
 
 
-def text_block_len(ids: list[int]) -> int:
-    return len(ids) + 2
-
-
-def image_block_len(num_tokens: int) -> int:
-    return num_tokens + 2
-
-
 class Context:
     def __init__(self, model: UniMedVLModel, special: SpecialTokenIds, capacity: int):
         cfg = model.language_model.config
@@ -52,14 +49,28 @@ class Context:
         self.dtype = model.embed_tokens.weight.dtype
         self.cache = KVCache(cfg.num_hidden_layers, 1, capacity, cfg.num_key_value_heads, head_dim, self.dtype,
                              layer_devices(model))
-        self.rope = 0
+        self.layout = TokenLayout()
+
+    @staticmethod
+    def capacity_for(text: Sequence[int] = (), images: Sequence[int] = (), decode: int = 0) -> int:
+        """KV-cache capacity of a prompt of text blocks of ``text[i]`` ids and image blocks of ``images[i]``
+        tokens, plus ``decode`` single tokens run through the cache (decoding start and decoded ids)."""
+        return TokenLayout.planned_length(text, images, extra=decode)
 
     @property
     def length(self) -> int:
         return self.cache.lengths[0]
 
+    @property
+    def rope(self) -> int:
+        """The rope position of the next block."""
+        return self.layout.rope
+
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.model.embed_tokens(torch.tensor(ids, device=self.device))
+
+    def _positions(self, positions: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(positions, dtype=torch.long, device=self.device)
 
     def run(self, embeds: torch.Tensor, positions: torch.Tensor, routing: ExpertRouting, causal: bool,
             keep: bool = True) -> torch.Tensor:
@@ -73,18 +84,16 @@ class Context:
     def add_text(self, ids: list[int], extra_ids: list[int] = ()) -> torch.Tensor:
         """Add ``<|im_start|> ids <|im_end|>``, then optionally more ids (e.g. the decoding start token) in
         the same forward; returns the hidden state of the last token."""
-        block = [self.special.bos, *ids, self.special.eos, *extra_ids]
-        positions = torch.arange(self.rope, self.rope + len(block), device=self.device)
-        hidden = self.run(self._embed_ids(block), positions, ExpertRouting.understanding(), causal=True)
-        self.rope += len(block)
+        block = [*text_block_ids(ids, self.special), *extra_ids]
+        positions = [*self.layout.text(len(ids)), *self.layout.tokens(len(extra_ids))]
+        hidden = self.run(self._embed_ids(block), self._positions(positions), ExpertRouting.understanding(),
+                          causal=True)
         return hidden[-1]
 
     def _image_block(self, tokens: torch.Tensor, routing: ExpertRouting) -> None:
         markers = self._embed_ids([self.special.vision_start, self.special.vision_end])
         embeds = torch.cat([markers[:1], tokens.to(markers.dtype), markers[1:]])
-        positions = torch.full((embeds.shape[0],), self.rope, device=self.device)
-        self.run(embeds, positions, routing, causal=False)
-        self.rope += 1
+        self.run(embeds, self._positions(self.layout.image(tokens.shape[0])), routing, causal=False)
 
     def add_vit_image(self, image: torch.Tensor) -> None:
         """(3, H, W) in [-1, 1], sides multiples of the ViT patch size."""

@@ -1,4 +1,4 @@
-"""The denoising loop with batched classifier-free guidance (spec 3.11).
+"""The denoising loop with batched classifier-free guidance (docs/sampling.md#branches).
 
 The three guidance branches (conditional, text-unconditional, image-unconditional) differ only in what
 they attend to, so they run as rows of one batch: each row's cache holds its own context, the query block
@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 
 from ..modeling.attention import CachedAttention
 from ..modeling.kv_cache import KVCache
-from ..sampling import branches_needed, combine_guidance, guidance_scales, make_scheduler
 from .context import Context, image_routing
+from .sampling import branches_needed, combine_guidance, guidance_scales, make_scheduler
 
-__all__ = ["Branch", "GuidanceSettings", "denoise"]
+__all__ = ["Branch", "GuidanceSettings", "denoise", "TEXT_TO_IMAGE_GUIDANCE", "EDITING_GUIDANCE"]
 
 
 @dataclass
@@ -35,8 +35,10 @@ class Branch:
         return cls(context, context.length, context.rope)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GuidanceSettings:
+    """Sampler and guidance settings; the defaults are the released text-to-image settings."""
+
     num_inference_steps: int = 49
     cfg_text_scale: float = 4.0
     cfg_img_scale: float = 1.0
@@ -50,6 +52,12 @@ class GuidanceSettings:
         scheduler = make_scheduler(self.num_inference_steps, self.timestep_shift)
         return max(branches_needed(*guidance_scales(t, self.cfg_interval, self.cfg_text_scale, self.cfg_img_scale))
                    for t in scheduler.sigmas[:-1])
+
+
+# The released scripts' settings (docs/sampling.md#defaults): 49 evaluations = the published 50-timestep
+# schedule. Editing guides on the input image too, over the whole flow, renormalising per token.
+TEXT_TO_IMAGE_GUIDANCE = GuidanceSettings()
+EDITING_GUIDANCE = GuidanceSettings(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 
 
 def denoise(context: Context, branches: list[Branch], h: int, w: int, noise_tokens: torch.Tensor,

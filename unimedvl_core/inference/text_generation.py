@@ -1,4 +1,5 @@
-"""Autoregressive decoding over a context (spec 3.10 ``gen_text``), with a preallocated cache."""
+"""Autoregressive decoding over a context (the reference's ``gen_text``, docs/token-layout.md#decoding), with a
+preallocated cache."""
 
 from __future__ import annotations
 
@@ -8,10 +9,27 @@ from dataclasses import dataclass, field
 import torch
 
 from ..modeling.qwen2_mot import ExpertRouting
-from ..tokenizer import BOS, EOS
+from ..modeling.tokenizer import IM_END, IM_START
 from .context import Context
 
-__all__ = ["TextOutput", "decode_text", "select_token"]
+__all__ = ["TextOutput", "DecodingSettings", "DECODING", "EXPLANATION_TOKENS", "ANALYSIS_TOKENS", "decode_text",
+           "select_token"]
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """Defaults for answers and reports: greedy decoding, at most 512 new tokens (the released VQA script)."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+DECODING = DecodingSettings()
+# A counterfactual edit's explanation, and the editing script's analyse-first pass (800 tokens there).
+EXPLANATION_TOKENS = 256
+ANALYSIS_TOKENS = 800
 
 
 @dataclass
@@ -52,13 +70,13 @@ def decode_text(context: Context, prompt_ids: list[int] | None, tokenizer, max_n
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     special = context.special
-    stops = set(stop_token_ids) if stop_token_ids is not None else {special.eos}
+    stops = set(stop_token_ids) if stop_token_ids is not None else {special.im_end}
     model = context.model
     if prompt_ids is not None:
-        hidden = context.add_text(prompt_ids, extra_ids=[special.bos])
+        hidden = context.add_text(prompt_ids, extra_ids=[special.im_start])
         position = context.rope
     else:
-        start = model.embed_tokens(torch.tensor([special.bos], device=context.device))
+        start = model.embed_tokens(torch.tensor([special.im_start], device=context.device))
         hidden = context.run(start, torch.tensor([context.rope], device=context.device),
                              ExpertRouting.understanding(), causal=True)[-1]
         position = context.rope + 1
@@ -86,14 +104,14 @@ def decode_text(context: Context, prompt_ids: list[int] | None, tokenizer, max_n
         hidden = context.run(embeds, torch.tensor([position], device=context.device),
                              ExpertRouting.understanding(), causal=True)[-1]
         position += 1
-    text = _final_text(tokenizer, special.bos, ids)
+    text = _final_text(tokenizer, special.im_start, ids)
     if streamer is not None and text.startswith(emitted) and len(text) > len(emitted):
         streamer(text[len(emitted):])
     return TextOutput(text=text, token_ids=ids, logits=torch.stack(rows) if rows else None, stopped_by=stopped_by)
 
 
-def _final_text(tokenizer, bos: int, ids: list[int]) -> str:
+def _final_text(tokenizer, im_start: int, ids: list[int]) -> str:
     """The reference decodes <|im_start|> + ids, cuts at the first <|im_end|>, keeps what follows the first
     <|im_start|> and before any later one."""
-    text = tokenizer.decode([bos, *ids])
-    return text.split(EOS)[0].split(BOS)[1]
+    text = tokenizer.decode([im_start, *ids])
+    return text.split(IM_END)[0].split(IM_START)[1]

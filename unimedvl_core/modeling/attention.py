@@ -3,7 +3,7 @@
 Two ways to attend share one call shape ``attend(layer_idx, q, k, v) -> out`` with q of shape
 (B, Hq, Lq, d) and k, v of shape (B, Hkv, Lq, d) for the new tokens:
 
-- ``DenseAttention``: training packs, no cache, an explicit boolean mask (spec 3.7).
+- ``DenseAttention``: training packs, no cache, an explicit boolean mask (docs/token-layout.md#training-mask).
 - ``CachedAttention``: inference; the new keys are written into a preallocated ``KVCache`` and every query
   sees its row's cached keys plus the new keys (all of them, or causally).
 
@@ -62,7 +62,7 @@ class CachedAttention:
     With ``causal=True`` query i sees the cached keys and new keys 0..i (bottom-right aligned, as
     flash-attn does with a cache); otherwise every new key. The cache lengths are not advanced here:
     the caller decides with ``KVCache.advance`` whether the new tokens stay (prefill, decoding) or are
-    overwritten next time (denoising queries never enter the cache, spec 3.9).
+    overwritten next time (denoising queries never enter the cache, see docs/token-layout.md#kv-cache).
     """
 
     def __init__(self, cache: KVCache, query_len: int, causal: bool, rows: int | None = None):
@@ -86,7 +86,8 @@ class CachedAttention:
 
 
 def packed_attention_mask(split_lens: Sequence[int], split_modes: Sequence[str], device=None) -> torch.Tensor:
-    """Boolean (L, L) mask of one packed sample (spec 3.7); True = the query (row) may see the key (column).
+    """Boolean (L, L) mask of one packed sample (docs/token-layout.md#training-mask); True = the query (row) may
+    see the key (column).
 
     - a query sees every earlier token of the sample; inside its own split it sees earlier-or-equal tokens
       (``causal``) or all tokens (``full`` and ``noise``);

@@ -11,7 +11,8 @@ __all__ = ["PositionEmbedding", "TimestepEmbedder", "MLPConnector", "sincos_2d_t
 
 
 def sincos_2d_table(grid_size: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos table of shape (grid_size**2, dim), row id = r * grid_size + c (spec 3.1).
+    """Fixed 2-D sin-cos table of shape (grid_size**2, dim), row id = r * grid_size + c
+    (docs/architecture.md#building-blocks).
 
     The first half of the channels encodes the column, the second half the row; each half is
     concat(sin(p * w_k), cos(p * w_k)) with w_k = 10000 ** (-k / (dim / 4)). Computed in float64.
@@ -30,7 +31,8 @@ def sincos_2d_table(grid_size: int, dim: int) -> torch.Tensor:
 
 
 def grid_position_ids(h: int, w: int, max_per_side: int, device=None) -> torch.Tensor:
-    """Flattened position ids of an h x w patch grid in extrapolate mode: r * max_per_side + c (spec 3.2)."""
+    """Flattened position ids of an h x w patch grid in extrapolate mode: r * max_per_side + c
+    (docs/architecture.md#grid-positions)."""
     if h > max_per_side or w > max_per_side:
         raise ValueError(f"a {h}x{w} patch grid exceeds the position table ({max_per_side} per side)")
     r = torch.arange(h, device=device)[:, None]
@@ -55,7 +57,8 @@ class PositionEmbedding(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Flow time t in [0, 1] -> hidden vector: cos-first sinusoidal features (256) then an MLP (spec 3.1)."""
+    """Flow time t in [0, 1] -> hidden vector: cos-first sinusoidal features (256) then an MLP
+    (docs/architecture.md#building-blocks)."""
 
     def __init__(self, hidden_size: int, frequency_size: int = 256):
         super().__init__()

@@ -2,7 +2,8 @@
 
 One K and one V buffer per layer, shaped (batch, kv_heads, capacity, head_dim), allocated once and filled
 in place: appending a token costs a copy of that token only (the reference re-allocates the whole cache on
-every update, spec 8). Rows may hold contexts of different lengths; this is how the conditional and the two
+every update, see docs/deviations.md#kv-cache). Rows may hold contexts of different lengths; this is how the
+conditional and the two
 unconditional guidance branches run as one batch.
 """
 

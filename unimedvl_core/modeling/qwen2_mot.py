@@ -1,10 +1,10 @@
-"""Qwen2 mixture-of-transformers decoder (spec 3.6).
+"""Qwen2 mixture-of-transformers decoder (docs/architecture.md#mot-layer).
 
 Each layer holds two experts with identical shapes: the understanding expert (text and ViT tokens; the
 plain Qwen2 names ``q_proj``, ``mlp``, ...) and the generation expert (VAE latent tokens; the same names
 with ``_moe_gen``). Both experts attend jointly over the whole sequence. Which rows use which expert is an
 ``ExpertRouting``; norms, rotary embedding and MLP are the transformers Qwen2 modules, which match the
-reference bit for bit (LIBRARY_FACTS section 3).
+reference bit for bit (docs/deviations.md#exact-match-choices).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""SigLIP vision encoder over native-resolution (NaViT) patch sequences (spec 3.4).
+"""SigLIP vision encoder over native-resolution (NaViT) patch sequences (docs/architecture.md#vit-path).
 
 The encoder layers and the final LayerNorm are transformers' ``SiglipEncoder`` and ``nn.LayerNorm``
-(identical numbers, LIBRARY_FACTS section 4). The embedding is ours: the released model stores the patch
+(identical numbers, docs/deviations.md#exact-match-choices). The embedding is ours: the released model stores the patch
 embedding as a Linear over (row, col, channel)-ordered patch vectors and indexes its learned position table
 at r * 70 + c for any image size, which transformers' ``SiglipVisionEmbeddings`` cannot do.
 """

@@ -1,5 +1,6 @@
-"""FLUX-style autoencoder as diffusers' ``AutoencoderKL`` (LIBRARY_FACTS section 1), latent scaling and
-latent patchification (spec 3.5), and the key mapping between ``ae.safetensors`` and diffusers names.
+"""FLUX-style autoencoder as diffusers' ``AutoencoderKL`` (docs/checkpoint.md#vae), latent scaling and
+latent patchification (docs/architecture.md#latent-path), and the key mapping between ``ae.safetensors`` and
+diffusers names.
 
 Loading uses diffusers' own converter; saving needs the inverse, which diffusers does not ship, so
 ``diffusers_to_flux_key`` is written here and tested as the exact inverse of the converter.
@@ -13,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from ..config import VAEConfig
+from .config import VAEConfig
 
 __all__ = ["build_vae", "vae_encode", "vae_decode", "patchify_latent", "unpatchify_latent", "flux_to_diffusers",
            "diffusers_to_flux", "diffusers_to_flux_key", "strip_module_prefixes"]

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import WEIGHT_FILES, atomic_save_safetensors, save_checkpoint
-from ..config import UniMedVLConfig
+from ..io.checkpoint import WEIGHT_FILES, atomic_save_safetensors, save_checkpoint
+from ..modeling.config import UniMedVLConfig
 from .distributed import DistInfo, barrier, full_tensor, is_dtensor
 
 __all__ = ["EMA", "latest_checkpoint", "save_training_checkpoint", "optimizer_tensors", "restore_optimizer",
@@ -29,7 +29,7 @@ _STEP_DIR = re.compile(r"^\d{7}$")
 
 class EMA:
     """Exponential moving average of the trainable parameters (fp32); frozen ones keep their loaded
-    values, as in the reference (spec 6.4)."""
+    values, as in the reference (docs/training.md)."""
 
     def __init__(self, model: torch.nn.Module, decay: float, initial: dict[str, torch.Tensor] | None = None):
         self.decay = decay

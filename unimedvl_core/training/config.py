@@ -55,6 +55,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    ce_weight: float = 1.0             # the objective: weighted text cross-entropy + velocity MSE
+    mse_weight: float = 1.0
     lr: float = 1e-4
     min_lr: float = 1e-7
     lr_scheduler: str = "constant"     # "constant" or "cosine" (both with linear warm-up)
@@ -64,8 +66,6 @@ class OptimConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     ema: float = 0.9999
-    ce_weight: float = 1.0
-    mse_weight: float = 1.0
     freeze_vit: bool = False
     freeze_und: bool = False
     freeze_llm: bool = False

@@ -1,4 +1,4 @@
-"""Readers of the released training formats (spec 6.2) and their sequence plans (spec 6.1).
+"""Readers of the released training formats and their sequence plans (docs/training.md).
 
 A record becomes a list of ``PlanItem`` (text, ViT image, VAE image; with loss and guidance-dropout flags)
 and the images it refers to. Formats, by their registry keys:
@@ -210,70 +210,85 @@ def record_plan(fmt: str, record: dict, image_dir: Path, rng: np.random.Generato
     guidance training (the released editing format keeps them, which leaves the image-unconditional branch
     untrained)."""
     if fmt == "t2i_pretrain":
-        try:
-            captions = json.loads(record["captions"]) if isinstance(record["captions"], str) else record["captions"]
-            texts = [v for v in captions.values() if isinstance(v, str) and v.strip()]
-        except (KeyError, ValueError, AttributeError):
-            raise RecordError("parquet row without a usable 'captions' JSON object") from None
-        if not texts or not isinstance(record.get("image"), (bytes, bytearray)):
-            raise RecordError("parquet row without captions or image bytes")
-        text = texts[int(rng.integers(len(texts)))]
-        return [PlanItem("text", cfg=True, text=text.strip()), PlanItem("vae", loss=True, image=0)], \
-            [ImageSource(data=bytes(record["image"]))]
-
-    turns = _turns(record)
-    items: list[PlanItem] = []
+        return _plan_t2i_pretrain(record, rng)
     if fmt == "SftJSONLIterableDataset_Ver1":
-        images = _images(record.get("input_img"), image_dir)
-        used = 0
-        for who, value in turns:
-            if who == "gpt":
-                if value.strip():
-                    items.append(PlanItem("text", loss=True, text=value.strip()))
-                continue
-            pieces = _text_pieces(value)
-            for i, piece in enumerate(pieces):
-                if i > 0:
-                    if used >= len(images):
-                        raise RecordError("more <image> placeholders than images")
-                    items.append(PlanItem("vit", cfg=True, image=used))
-                    used += 1
-                if piece:
-                    items.append(PlanItem("text", text=piece))
-        if used != len(images):
-            raise RecordError(f"{len(images)} images but {used} <image> placeholders")
-        return items, images
-
+        return _plan_understanding(record, image_dir)
     if fmt == "T2IIterableDataset_Ver1":
-        images = _images(record.get("output_img") or record.get("input_img"), image_dir)
-        if not images:
-            raise RecordError("text-to-image record without an image")
-        for who, value in turns:
-            if value.replace(IMAGE_TOKEN, "").strip():
-                items.append(PlanItem("text", cfg=who == "human", loss=who == "gpt",
-                                      text=value.replace(IMAGE_TOKEN, "").strip()))
-        items.extend(PlanItem("vae", loss=True, image=i) for i in range(len(images)))
-        return items, images
-
+        return _plan_t2i(record, image_dir)
     if fmt in ("MedicalImageEditingIterableDataset_ver1", "CounterfactualMedicalIterableDataset_ver1"):
-        inputs = _images(record.get("input_img"), image_dir)
-        outputs = _images(record.get("output_img"), image_dir)
-        if not inputs or not outputs:
-            raise RecordError("editing record needs input_img and output_img")
-        images = inputs + outputs
-        for i in range(len(inputs)):
-            items.append(PlanItem("vae", cfg=cfg_condition_images, image=i))
-            items.append(PlanItem("vit", cfg=cfg_condition_images, image=i))
-        human = [v for who, v in turns if who == "human"]
-        gpt = [v.strip() for who, v in turns if who == "gpt" and v.strip()]
-        for value in human:
-            for piece in _text_pieces(value):
-                if piece:
-                    items.append(PlanItem("text", cfg=True, text=piece))
-        targets = [PlanItem("vae", loss=True, image=len(inputs) + i) for i in range(len(outputs))]
-        answers = [PlanItem("text", loss=True, text=v) for v in gpt]
-        counterfactual = fmt.startswith("Counterfactual")
-        items.extend(targets + answers if counterfactual else answers + targets)
-        return items, images
-
+        return _plan_editing(record, image_dir, cfg_condition_images, counterfactual=fmt.startswith("Counterfactual"))
     raise ValueError(f"unknown dataset format {fmt!r}")
+
+
+def _plan_t2i_pretrain(record: dict, rng: np.random.Generator) -> tuple[list[PlanItem], list[ImageSource]]:
+    """A parquet row: one of its captions, then the image as a generation target."""
+    try:
+        captions = json.loads(record["captions"]) if isinstance(record["captions"], str) else record["captions"]
+        texts = [v for v in captions.values() if isinstance(v, str) and v.strip()]
+    except (KeyError, ValueError, AttributeError):
+        raise RecordError("parquet row without a usable 'captions' JSON object") from None
+    if not texts or not isinstance(record.get("image"), (bytes, bytearray)):
+        raise RecordError("parquet row without captions or image bytes")
+    text = texts[int(rng.integers(len(texts)))]
+    return [PlanItem("text", cfg=True, text=text.strip()), PlanItem("vae", loss=True, image=0)], \
+        [ImageSource(data=bytes(record["image"]))]
+
+
+def _plan_understanding(record: dict, image_dir: Path) -> tuple[list[PlanItem], list[ImageSource]]:
+    """A conversation: human text with ViT images at its ``<image>`` placeholders, supervised answers."""
+    turns = _turns(record)
+    images = _images(record.get("input_img"), image_dir)
+    items: list[PlanItem] = []
+    used = 0
+    for who, value in turns:
+        if who == "gpt":
+            if value.strip():
+                items.append(PlanItem("text", loss=True, text=value.strip()))
+            continue
+        for i, piece in enumerate(_text_pieces(value)):
+            if i > 0:
+                if used >= len(images):
+                    raise RecordError("more <image> placeholders than images")
+                items.append(PlanItem("vit", cfg=True, image=used))
+                used += 1
+            if piece:
+                items.append(PlanItem("text", text=piece))
+    if used != len(images):
+        raise RecordError(f"{len(images)} images but {used} <image> placeholders")
+    return items, images
+
+
+def _plan_t2i(record: dict, image_dir: Path) -> tuple[list[PlanItem], list[ImageSource]]:
+    """The prompt turns (guidance-droppable), the answer turns supervised, then the images as targets."""
+    turns = _turns(record)
+    images = _images(record.get("output_img") or record.get("input_img"), image_dir)
+    if not images:
+        raise RecordError("text-to-image record without an image")
+    items: list[PlanItem] = []
+    for who, value in turns:
+        if value.replace(IMAGE_TOKEN, "").strip():
+            items.append(PlanItem("text", cfg=who == "human", loss=who == "gpt",
+                                  text=value.replace(IMAGE_TOKEN, "").strip()))
+    items.extend(PlanItem("vae", loss=True, image=i) for i in range(len(images)))
+    return items, images
+
+
+def _plan_editing(record: dict, image_dir: Path, cfg_condition_images: bool,
+                  counterfactual: bool) -> tuple[list[PlanItem], list[ImageSource]]:
+    """Each input as a VAE then a ViT block, the instruction, then the edited images as targets and the
+    answers: the answers first, except in the counterfactual format, which puts the targets first."""
+    turns = _turns(record)
+    inputs = _images(record.get("input_img"), image_dir)
+    outputs = _images(record.get("output_img"), image_dir)
+    if not inputs or not outputs:
+        raise RecordError("editing record needs input_img and output_img")
+    items: list[PlanItem] = []
+    for i in range(len(inputs)):
+        items.append(PlanItem("vae", cfg=cfg_condition_images, image=i))
+        items.append(PlanItem("vit", cfg=cfg_condition_images, image=i))
+    for value in (v for who, v in turns if who == "human"):
+        items.extend(PlanItem("text", cfg=True, text=piece) for piece in _text_pieces(value) if piece)
+    targets = [PlanItem("vae", loss=True, image=len(inputs) + i) for i in range(len(outputs))]
+    answers = [PlanItem("text", loss=True, text=v.strip()) for who, v in turns if who == "gpt" and v.strip()]
+    items.extend(targets + answers if counterfactual else answers + targets)
+    return items, inputs + outputs

@@ -5,7 +5,7 @@
 - Each sample's random choices (caption choice, guidance dropout, flow time) come from a generator seeded
   by (seed, stage, group, epoch, row): the same sample is the same in every process and after a resume.
 - Groups are drawn with probability proportional to their weight; samples are packed up to a token budget
-  (spec 6.3), a sample that does not fit waits in a buffer for the next pack.
+  (docs/training.md), a sample that does not fit waits in a buffer for the next pack.
 - The packer's state (positions, group-choice generator, buffered sample keys, counters) travels with
   every pack, so a checkpoint saves exactly where the data stream stood.
 - Bad samples (missing or corrupt image, malformed record, over the token budget) are skipped and counted;
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,11 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import UniMedVLConfig
+from ..modeling.config import UniMedVLConfig
 from ..modeling.embeddings import grid_position_ids
-from ..packing import Pack, PackBuilder
-from ..preprocessing import ResizeRule, resize_to_rule, to_model_tensor, to_rgb
-from ..tokenizer import SpecialTokenIds, load_tokenizer
+from ..modeling.flow_matching import sample_flow_time
+from ..modeling.layout import image_block_len, text_block_len
+from ..modeling.packing import Pack, PackBuilder
+from ..modeling.preprocessing import ResizeRule, resize_to_rule, to_model_tensor, to_rgb
+from ..modeling.tokenizer import SpecialTokenIds, load_tokenizer
 from .config import DataConfig
 from .datasets import PlanItem, RecordError, open_rows, record_plan
 
@@ -40,7 +41,7 @@ __all__ = ["GroupSpec", "build_groups", "SampleFactory", "Packer", "PackStream",
 
 log = logging.getLogger(__name__)
 
-# Released training resize rules per format (spec 4.3): (vit, vae).
+# Released training resize rules per format (docs/training.md): (vit, vae).
 DEFAULT_RULES = {
     "SftJSONLIterableDataset_Ver1": (ResizeRule(980, 378, 14, 2_007_040), ResizeRule(1024, 512, 16)),
     "T2IIterableDataset_Ver1": (ResizeRule(980, 378, 14, 2_007_040), ResizeRule(1024, 512, 16)),
@@ -141,7 +142,7 @@ class SampleFactory:
         header_sizes = [source.header_size() for source in sources]  # a broken image rejects the whole record
         d = self.data
         kept: list[PlanItem] = []
-        for item in items:  # guidance dropout (spec 6.1): dropped images still take one position
+        for item in items:  # guidance dropout (docs/training.md): dropped images still take one position
             p = {"text": d.text_cond_dropout_prob, "vit": d.vit_cond_dropout_prob,
                  "vae": d.vae_cond_dropout_prob}[item.kind]
             if item.cfg and not item.loss and rng.random() < p:
@@ -157,14 +158,14 @@ class SampleFactory:
         for i, item in enumerate(kept):
             if item.kind == "text":
                 item.ids = self.tokenizer.encode(item.text, add_special_tokens=False)
-                tokens += len(item.ids) + 2
+                tokens += text_block_len(len(item.ids))
             elif item.kind in ("vit", "vae"):
                 source = sources[item.image]
                 rule = spec.vit_rule if item.kind == "vit" else spec.vae_rule
                 width, height = rule.target_size(*header_sizes[item.image])
                 sizes[i] = (width, height)
                 stride = self.config.vit_patch_size if item.kind == "vit" else self.config.latent_downsample
-                tokens += (width // stride) * (height // stride) + 2
+                tokens += image_block_len((width // stride) * (height // stride))
                 if self.decode:
                     if item.image not in cache:
                         cache[item.image] = to_rgb(source.open())
@@ -172,9 +173,7 @@ class SampleFactory:
                 else:
                     used_sources[i] = source
                 if item.kind == "vae" and item.loss:
-                    t = 1.0 / (1.0 + math.exp(-float(rng.standard_normal())))  # logit-normal flow time
-                    s = d.timestep_shift
-                    timesteps[i] = s * t / (1.0 + (s - 1.0) * t)
+                    timesteps[i] = sample_flow_time(rng, d.timestep_shift)
             else:
                 tokens += 0  # a dropped image takes a position, no tokens
         return Sample(key, kept, images, sizes, used_sources, timesteps, tokens)

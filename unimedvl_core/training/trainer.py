@@ -1,10 +1,10 @@
-"""The curriculum trainer: one stage of the three-stage curriculum on packed sequences (spec 6.4).
+"""The curriculum trainer: one stage of the three-stage curriculum on packed sequences (docs/training.md).
 
-Per step: VAE-encode the pack's images (frozen VAE, posterior sampled), noise the target latents at their
-flow times, one forward over the packed sequence, CE + MSE with weights, AdamW with warm-up, gradient
-clipping, EMA. Checkpoints (released layout plus optimizer, scheduler and data position) are atomic; a
-stage resumes from its newest checkpoint, and a resumed run ends with the weights an uninterrupted one
-would have (all randomness is a function of the run seed, the step and the data position).
+Per step (``train_step``): VAE-encode the pack's images (frozen VAE, posterior sampled), noise the target
+latents at their flow times (``modeling.flow_matching``), one forward over the packed sequence, CE + MSE
+with weights, AdamW with warm-up, gradient clipping, EMA. The stage lifecycle (resume, checkpoints, metrics,
+final folder) is the one every stage shares (``training.lifecycle``); a resumed run ends with the weights an
+uninterrupted one would have (all randomness is a function of the run seed, the step and the data position).
 """
 
 from __future__ import annotations
@@ -13,41 +13,30 @@ import json
 import logging
 import math
 import shutil
-import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+from torch import nn
 
-from ..checkpoint import TOKENIZER_FILES, VAE_FILE, WEIGHT_FILES, load_vae
-from ..config import UniMedVLConfig
-from ..model import UniMedVL
+from ..inference.model import UniMedVL
+from ..io.checkpoint import TOKENIZER_FILES, VAE_FILE, WEIGHT_FILES, load_vae
+from ..modeling.config import UniMedVLConfig
+from ..modeling.flow_matching import flow_inputs, token_mean
+from ..modeling.packing import Pack
 from ..modeling.vae import patchify_latent, vae_encode
-from .checkpointing import (
-    EMA,
-    STATE_FILE,
-    full_model_state,
-    latest_checkpoint,
-    load_optimizer_shard,
-    optimizer_tensors,
-    restore_optimizer,
-    save_training_checkpoint,
-)
+from .checkpointing import EMA, STATE_FILE, latest_checkpoint
 from .config import OptimConfig, RecipeError, StageConfig, TrainConfig, load_registry
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, wrap_model
-from .metrics import MetricsLog
+from .lifecycle import CheckpointParts, StageRun, optimizer_and_schedule, stage_dir
 from .stream import PackStream, TrainingPack, make_loader
 
-__all__ = ["train_curriculum_stage", "stage_dir", "initial_model", "apply_freezing", "encode_pack_latents"]
+__all__ = ["train_curriculum_stage", "train_step", "TrainState", "stage_dir", "initial_model", "apply_freezing",
+           "encode_pack_latents"]
 
 log = logging.getLogger(__name__)
-
-
-def stage_dir(cfg: TrainConfig, stage: int) -> Path:
-    return Path(cfg.run_dir) / f"stage{stage}"
 
 
 def _previous_stage(cfg: TrainConfig, stage: int) -> int | None:
@@ -114,14 +103,6 @@ def apply_freezing(model: torch.nn.Module, optim: OptimConfig) -> None:
         param.requires_grad_(not frozen)
 
 
-def lr_schedule(optimizer, optim: OptimConfig, steps: int):
-    if optim.lr_scheduler == "constant":
-        return get_constant_schedule_with_warmup(optimizer, optim.warmup_steps)
-    if optim.lr_scheduler == "cosine":
-        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, optim.warmup_steps, steps, min_lr=optim.min_lr)
-    raise RecipeError(f"lr_scheduler must be 'constant' or 'cosine', got {optim.lr_scheduler!r}")
-
-
 @torch.no_grad()
 def encode_pack_latents(tp: TrainingPack, vae, config: UniMedVLConfig, generator: torch.Generator,
                         device: torch.device) -> torch.Tensor:
@@ -139,134 +120,156 @@ def _move_pack(tp: TrainingPack, device: torch.device) -> None:
     pack.vit_images = [img.to(device) for img in pack.vit_images]
 
 
+@dataclass
+class TrainState:
+    """What an optimisation step changes: the network (as wrapped for data parallelism: its forward gives
+    the loss sums), the unwrapped model, its EMA, the optimizer and the learning-rate schedule."""
+
+    net: nn.Module
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    optim: OptimConfig
+    trainable: list[nn.Parameter]
+    info: DistInfo = field(default_factory=DistInfo)
+    autocast: AbstractContextManager = field(default_factory=nullcontext)
+
+    @classmethod
+    def create(cls, net: nn.Module, optim: OptimConfig, steps: int, info: DistInfo | None = None,
+               ema_init: dict | None = None, autocast: AbstractContextManager | None = None) -> TrainState:
+        """EMA, AdamW and schedule over the trainable parameters of ``net`` (freezing applied before)."""
+        model = net.module if hasattr(net, "module") else net
+        ema = EMA(model, optim.ema, ema_init)
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        optimizer, scheduler = optimizer_and_schedule(trainable, optim, steps, betas=optim.betas, eps=optim.eps,
+                                                      weight_decay=optim.weight_decay)
+        return cls(net, model, ema, optimizer, scheduler, optim, trainable, info or DistInfo(),
+                   autocast or nullcontext())
+
+
+def train_step(state: TrainState, pack: Pack, x0: torch.Tensor,
+               generator: torch.Generator | None = None) -> dict[str, float]:
+    """One optimisation step on one pack whose clean latent tokens are ``x0``: noise the targets, forward,
+    CE + MSE normalised by the global token counts, backward, clip, optimizer and schedule step, EMA.
+    Returns this rank's ``loss``, ``ce``, ``mse`` and the ``grad_norm`` before clipping."""
+    info, optim = state.info, state.optim
+    x_t, target = flow_inputs(x0, pack.vae_timesteps, pack.mse_index, generator)
+    counts = all_reduce_sum(torch.tensor([len(pack.ce_index), len(pack.mse_index)], dtype=torch.float64,
+                                         device=info.device), info)
+    with state.autocast:
+        sums = state.net(pack, x_t, target)
+    ce = token_mean(sums["ce_sum"], counts[0], info.world)
+    mse = token_mean(sums["mse_sum"], counts[1], info.world)
+    loss = optim.ce_weight * ce + optim.mse_weight * mse
+    values = {"loss": loss.item(), "ce": ce.item(), "mse": mse.item()}
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"loss is {values['loss']} (ce {values['ce']}, mse {values['mse']}); lower the "
+                                 "learning rate or check the data")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.trainable, optim.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    state.optimizer.step()
+    state.scheduler.step()
+    state.ema.update(state.model)
+    return {**values, "grad_norm": float(grad_norm)}
+
+
+class CurriculumSteps:
+    """The per-step work of a curriculum stage: next pack, its latents, ``train_step``; log rows; checkpoints
+    with the data position."""
+
+    def __init__(self, run: StageRun, state: TrainState, model: UniMedVL, batches, data_state: dict | None,
+                 tokenizer_dir: Path):
+        self.run, self.state, self.vae, self.config = run, state, model.vae, model.config
+        self.batches, self.data_state = batches, data_state
+        self.parts = CheckpointParts(model.config, model.vae, tokenizer_dir, state.optimizer, state.scheduler,
+                                     state.model, state.model, state.ema)
+
+    def step(self, step: int) -> dict:
+        tp: TrainingPack = next(self.batches)
+        self.data_state = tp.state
+        device = self.run.info.device
+        generator = torch.Generator(device=device).manual_seed(tp.noise_seed)
+        _move_pack(tp, device)
+        x0 = encode_pack_latents(tp, self.vae, self.config, generator, device)
+        try:
+            values = train_step(self.state, tp.pack, x0, generator)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"stage {self.run.stage.stage} step {step + 1}: {err}") from None
+        return {**values, "tokens": tp.pack.length}
+
+    def summary(self, rows: list[dict], elapsed: float) -> dict:
+        world, n = self.run.info.world, len(rows)
+        mean = {k: sum(r[k] / world for r in rows) / n for k in ("loss", "ce", "mse")}
+        return {**mean, "lr": self.state.scheduler.get_last_lr()[0], "grad_norm": rows[-1]["grad_norm"],
+                "tokens_per_s": sum(r["tokens"] for r in rows) * world / max(elapsed, 1e-9),
+                "skipped": sum(self.data_state.get("skipped", {}).values())}
+
+    def save(self, done: int) -> None:
+        cfg = self.run.cfg
+        data = gather_objects(self.data_state, self.run.info)
+        self.run.save(self.parts, done, {"data": data, "recipe": cfg.source, "seed": cfg.seed})
+
+
 def train_curriculum_stage(cfg: TrainConfig, stage: StageConfig, info: DistInfo, progress: bool = True) -> Path:
-    out = stage_dir(cfg, stage.stage)
-    final = out / "final"
-    if (final / STATE_FILE).is_file():
+    run = StageRun.open(cfg, stage, info)
+    if run.finished:
         if info.main:
-            log.info("stage %d already finished: %s", stage.stage, final)
-        return final
-    optim_cfg, data_cfg = cfg.optim_for(stage), cfg.data_for(stage)
-    ckpt_root = out / "checkpoints"
-    resume = latest_checkpoint(ckpt_root)
-    if resume is not None:
-        state = json.loads((resume / STATE_FILE).read_text())
-        model = UniMedVL.from_pretrained(resume, weights="model", dtype=torch.float32, device="cpu", progress=False)
-        ema_init = load_file(str(resume / WEIGHT_FILES["ema"]))
-        # Copy the tokenizer out of the checkpoint: pruning will delete the checkpoint we resume from.
-        tokenizer_dir, start = _stage_tokenizer(resume, out, info), int(state["step"])
-        if info.main:
-            log.info("resuming stage %d from %s (step %d)", stage.stage, resume, start)
-    else:
-        state = None
-        model, ema_init, tokenizer_dir = initial_model(cfg, stage)
-        start = 0
-    config = model.config
-    net, vae = model.model, model.vae
-    apply_freezing(net, optim_cfg)
-    net.to(info.device).train()
-    vae.to(info.device).eval().requires_grad_(False)
-    net = wrap_model(net, info, cfg.parallel.strategy, cfg.parallel.activation_checkpointing,
-                     cfg.parallel.mixed_precision)
-    raw = net.module if hasattr(net, "module") else net
-    ema = EMA(raw, optim_cfg.ema, ema_init)
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps,
-                                  weight_decay=optim_cfg.weight_decay)
-    scheduler = lr_schedule(optimizer, optim_cfg, stage.steps)
-    if state is not None:
-        restore_optimizer(optimizer, raw, *load_optimizer_shard(resume, info))
-        scheduler.load_state_dict(state["scheduler"])
-
-    data_dir, groups = load_registry(_registry_path(data_cfg), data_cfg.data_dir)
-    data_state = state["data"][info.rank] if state is not None else None
-    stream = PackStream((groups, data_dir, stage.mixture), str(tokenizer_dir), config, data_cfg, cfg.seed,
-                        stage.stage, info.rank, info.world, data_state)
-    num_workers = 0 if data_cfg.loader == "dali" else data_cfg.num_workers
-    batches = iter(make_loader(stream, num_workers))
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" and \
-        cfg.parallel.mixed_precision == "bf16" else nullcontext()
-    metrics = MetricsLog(out, info.main, resume_step=start)
-    bar = tqdm(total=stage.steps, initial=start, desc=f"stage {stage.stage}", disable=not (progress and info.main))
-    last_state, window = data_state, {"loss": 0.0, "ce": 0.0, "mse": 0.0, "tokens": 0, "n": 0}
-    t_window = time.perf_counter()
-    for step in range(start, stage.steps):
-        tp: TrainingPack = next(batches)
-        last_state = tp.state
-        generator = torch.Generator(device=info.device).manual_seed(tp.noise_seed)
-        _move_pack(tp, info.device)
-        x0 = encode_pack_latents(tp, vae, config, generator, info.device)
-        pack = tp.pack
-        t = pack.vae_timesteps.to(info.device)[:, None]
-        eps = torch.randn(x0.shape, generator=generator, device=info.device)
-        x_t = (1 - t) * x0 + t * eps
-        mse_rows = pack.mse_index.to(info.device)
-        target = (eps - x0)[mse_rows]
-        counts = all_reduce_sum(torch.tensor([len(pack.ce_index), len(pack.mse_index)], dtype=torch.float64,
-                                             device=info.device), info)
-        with autocast:
-            out_ = net(pack, x_t, target)
-        world = info.world
-        ce = out_["ce_sum"] * world / counts[0].clamp(min=1)
-        mse = out_["mse_sum"] * world / counts[1].clamp(min=1)
-        loss = optim_cfg.ce_weight * ce + optim_cfg.mse_weight * mse
-        loss_value, ce_value, mse_value = loss.item(), ce.item(), mse.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"stage {stage.stage} step {step + 1}: loss is {loss_value} (ce {ce_value}, "
-                                     f"mse {mse_value}); lower the learning rate or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim_cfg.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        scheduler.step()
-        ema.update(raw)
-
-        window["loss"] += loss_value / world
-        window["ce"] += ce_value / world
-        window["mse"] += mse_value / world
-        window["tokens"] += pack.length
-        window["n"] += 1
-        done = step + 1
-        if done % cfg.log_every == 0 or done == stage.steps:
-            elapsed = time.perf_counter() - t_window
-            row = {"step": done, "loss": window["loss"] / window["n"], "ce": window["ce"] / window["n"],
-                   "mse": window["mse"] / window["n"], "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "tokens_per_s": window["tokens"] * world / max(elapsed, 1e-9),
-                   "skipped": sum(last_state.get("skipped", {}).values())}
-            metrics.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", mse=f"{row['mse']:.3f}")
-            window = {k: 0 if k in ("tokens", "n") else 0.0 for k in window}
-            t_window = time.perf_counter()
-        bar.update(1)
-        if done % cfg.checkpoint.save_every == 0 or done == stage.steps:
-            _save(ckpt_root, done, info, config, raw, ema, vae, tokenizer_dir, optimizer, scheduler, last_state,
-                  cfg, stage)
-    bar.close()
-    metrics.close()
-    final_ckpt = latest_checkpoint(ckpt_root)
+            log.info("stage %d already finished: %s", stage.stage, run.final)
+        return run.final
+    model, ema_init, tokenizer_dir = _starting_point(run)
+    state = _train_state(run, model, ema_init)
+    batches, data_state = _pack_batches(run, tokenizer_dir, model.config)
+    steps = CurriculumSteps(run, state, model, batches, data_state, tokenizer_dir)
+    run.run_steps(steps, f"stage {stage.stage}", progress)
+    run.publish(lambda folder: shutil.copytree(latest_checkpoint(run.ckpt_root), folder))
     if info.main:
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(final_ckpt, final)
-        metrics.plot(out / "loss.png")
-        skipped = json.loads((final / STATE_FILE).read_text())["data"][0].get("skipped", {})
+        skipped = json.loads((run.final / STATE_FILE).read_text())["data"][0].get("skipped", {})
         if skipped:
             log.warning("stage %d skipped samples: %s", stage.stage, skipped)
-    barrier(info)
-    return final
+    return run.final
 
 
-def _save(ckpt_root, step, info, config, raw, ema, vae, tokenizer_dir, optimizer, scheduler, data_state, cfg, stage):
-    model_state = full_model_state(raw)
-    ema_state = ema.full_state()
-    data_states = gather_objects(data_state, info)
-    trainer_state = {"step": step, "stage": stage.stage, "scheduler": scheduler.state_dict(), "data": data_states,
-                     "world": info.world, "recipe": cfg.source, "seed": cfg.seed}
-    save_training_checkpoint(ckpt_root, step, info, config, model_state if info.main else None,
-                             ema_state if info.main else None, vae, Path(tokenizer_dir),
-                             optimizer_tensors(optimizer, raw), trainer_state, cfg.checkpoint.keep)
+def _starting_point(run: StageRun) -> tuple[UniMedVL, dict | None, Path]:
+    """(model, initial EMA, tokenizer folder): the checkpoint resumed from, else where the stage starts."""
+    if run.resume is None:
+        return initial_model(run.cfg, run.stage)
+    model = UniMedVL.from_pretrained(run.resume, weights="model", dtype=torch.float32, device="cpu", progress=False)
+    ema_init = load_file(str(run.resume / WEIGHT_FILES["ema"]))
+    # Copy the tokenizer out of the checkpoint: pruning will delete the checkpoint we resume from.
+    tokenizer_dir = _stage_tokenizer(run.resume, run.out, run.info)
+    if run.info.main:
+        log.info("resuming stage %d from %s (step %d)", run.stage.stage, run.resume, run.start)
+    return model, ema_init, tokenizer_dir
+
+
+def _train_state(run: StageRun, model: UniMedVL, ema_init: dict | None) -> TrainState:
+    """Freezing, devices, data-parallel wrapping, EMA, optimizer and schedule, restored when resuming."""
+    optim_cfg, info, parallel = run.cfg.optim_for(run.stage), run.info, run.cfg.parallel
+    net = model.model
+    apply_freezing(net, optim_cfg)
+    net.to(info.device).train()
+    model.vae.to(info.device).eval().requires_grad_(False)
+    net = wrap_model(net, info, parallel.strategy, parallel.activation_checkpointing, parallel.mixed_precision)
+    bf16 = info.device.type == "cuda" and parallel.mixed_precision == "bf16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    state = TrainState.create(net, optim_cfg, run.stage.steps, info, ema_init, autocast)
+    run.restore(state.optimizer, state.scheduler, state.model)
+    return state
+
+
+def _pack_batches(run: StageRun, tokenizer_dir: Path, config: UniMedVLConfig):
+    """This rank's stream of packs, from the resumed data position; returns (iterator, that position)."""
+    data_cfg, info = run.cfg.data_for(run.stage), run.info
+    data_dir, groups = load_registry(_registry_path(data_cfg), data_cfg.data_dir)
+    data_state = run.state["data"][info.rank] if run.state is not None else None
+    stream = PackStream((groups, data_dir, run.stage.mixture), str(tokenizer_dir), config, data_cfg, run.cfg.seed,
+                        run.stage.stage, info.rank, info.world, data_state)
+    num_workers = 0 if data_cfg.loader == "dali" else data_cfg.num_workers
+    return iter(make_loader(stream, num_workers)), data_state
 
 
 def _registry_path(data_cfg) -> str:

@@ -19,30 +19,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
-from ..checkpoint import VAE_FILE, load_vae, save_checkpoint
-from ..config import UniMedVLConfig
+from ..io.checkpoint import VAE_FILE, load_vae, save_checkpoint
+from ..modeling.config import UniMedVLConfig
+from ..modeling.preprocessing import resize_to_rule, to_model_tensor, to_rgb
+from ..modeling.tokenizer import train_tokenizer
 from ..modeling.vae import build_vae, flux_to_diffusers
-from ..preprocessing import resize_to_rule, to_model_tensor, to_rgb
-from ..tokenizer import train_tokenizer
-from .checkpointing import (
-    STATE_FILE,
-    latest_checkpoint,
-    load_optimizer_shard,
-    optimizer_tensors,
-    restore_optimizer,
-    save_training_checkpoint,
-)
+from .checkpointing import STATE_FILE
 from .config import RecipeError, StageConfig, TrainConfig, load_registry
 from .datasets import RecordError, open_rows, record_plan
 from .distributed import DistInfo, barrier, replicate
-from .metrics import MetricsLog
-from .trainer import lr_schedule, stage_dir
+from .lifecycle import CheckpointParts, StageRun, optimizer_and_schedule
 
 __all__ = ["train_vae_stage", "collect_images_and_texts"]
 
 log = logging.getLogger(__name__)
+
+KL_WEIGHT = 1e-6  # small: the latent stays close to a unit Gaussian without blurring reconstructions
 
 
 def collect_images_and_texts(groups: dict, data_dir: Path, limit: int = 200_000) -> tuple[list, list[str]]:
@@ -99,11 +92,39 @@ def _batch(sources, indices, rule, size: int, rng: np.random.Generator) -> torch
     return torch.stack(out)
 
 
+class AutoencoderSteps:
+    """The per-step work of the VAE stage: a batch of random crops, reconstruction + KL, one AdamW step."""
+
+    def __init__(self, run: StageRun, net: torch.nn.Module, parts: CheckpointParts, sources: list, rule, size: int):
+        self.run, self.net, self.parts = run, net, parts
+        self.sources, self.rule, self.size = sources, rule, size
+
+    def step(self, step: int) -> dict:
+        run, vae, optimizer = self.run, self.parts.vae, self.parts.optimizer
+        rng = np.random.default_rng([run.cfg.seed, run.stage.stage, run.info.rank, step])
+        indices = rng.integers(len(self.sources), size=run.stage.batch_size)
+        x = _batch(self.sources, indices, self.rule, self.size, rng).to(run.info.device)
+        g = torch.Generator(device=run.info.device).manual_seed(int(rng.integers(2**62)))
+        recon, kl = self.net(x, g)
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + KL_WEIGHT * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        self.parts.scheduler.step()
+        return {"loss": loss.item()}
+
+    def summary(self, rows: list[dict], elapsed: float) -> dict:
+        return {"loss": float(np.mean([r["loss"] for r in rows])), "lr": self.parts.optimizer.param_groups[0]["lr"]}
+
+    def save(self, done: int) -> None:
+        self.run.save(self.parts, done)
+
+
 def train_vae_stage(cfg: TrainConfig, stage: StageConfig, info: DistInfo, progress: bool = True) -> Path:
-    out = stage_dir(cfg, stage.stage)
-    final = out / "final"
-    if (final / STATE_FILE).is_file():
-        return final
+    run = StageRun.open(cfg, stage, info)
+    if run.finished:
+        return run.final
     if not cfg.model.preset:
         raise RecipeError("a VAE stage needs model.preset (the geometry of the model being built)")
     config = UniMedVLConfig.from_preset(cfg.model.preset)
@@ -112,81 +133,55 @@ def train_vae_stage(cfg: TrainConfig, stage: StageConfig, info: DistInfo, progre
     sources, texts = collect_images_and_texts(groups, data_dir)
     if not sources:
         raise RecipeError(f"no images found through the registry {data_cfg.registry} in {data_dir}")
-
-    tokenizer_dir = out / "tokenizer"
-    if info.main and not (tokenizer_dir / "tokenizer.json").is_file():
-        if cfg.model.tokenizer in (None, "build"):
-            train_tokenizer(texts, tokenizer_dir, vocab_size=cfg.model.tokenizer_vocab_size)
-        else:
-            shutil.copytree(cfg.model.tokenizer, tokenizer_dir, dirs_exist_ok=True)
-    barrier(info)
-
-    ckpt_root = out / "checkpoints"
-    resume = latest_checkpoint(ckpt_root)
-    if resume is not None:
-        vae = load_vae(config, resume / VAE_FILE, torch.float32, info.device)
-        start = json.loads((resume / STATE_FILE).read_text())["step"]
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            vae = build_vae(config.vae)
-        if cfg.model.init_from:
-            state = flux_to_diffusers(load_file(str(Path(cfg.model.init_from) / VAE_FILE)), config.vae)
-            vae.load_state_dict(state, strict=True)
-        start = 0
+    tokenizer_dir = _stage_tokenizer(run, texts)
+    vae = _starting_vae(run, config)
     vae.to(info.device).train().requires_grad_(True)
     net = replicate(AutoencoderTraining(vae), info)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=optim_cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    scheduler = lr_schedule(optimizer, optim_cfg, stage.steps)
-    if resume is not None:
-        restore_optimizer(optimizer, vae, *load_optimizer_shard(resume, info))
-        scheduler.load_state_dict(json.loads((resume / STATE_FILE).read_text())["scheduler"])
+    optimizer, scheduler = optimizer_and_schedule(vae.parameters(), optim_cfg, stage.steps, betas=(0.9, 0.99),
+                                                  weight_decay=0.0)
+    run.restore(optimizer, scheduler, vae)
+    parts = CheckpointParts(config, vae, tokenizer_dir, optimizer, scheduler, vae)
     rule = config.transforms.gen_vae
     size = stage.crop_size or config.vae.resolution  # convolutions learn the same from crops, faster
-    metrics = MetricsLog(out, info.main, resume_step=start)
-    bar = tqdm(total=stage.steps, initial=start, desc=f"stage {stage.stage} (VAE)",
-               disable=not (progress and info.main))
-    kl_weight = 1e-6
-    window = []
-    for step in range(start, stage.steps):
-        rng = np.random.default_rng([cfg.seed, stage.stage, info.rank, step])
-        x = _batch(sources, rng.integers(len(sources), size=stage.batch_size), rule, size, rng).to(info.device)
-        g = torch.Generator(device=info.device).manual_seed(int(rng.integers(2**62)))
-        recon, kl = net(x, g)
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        window.append(loss.item())
-        done = step + 1
-        if done % cfg.log_every == 0 or done == stage.steps:
-            metrics.log({"step": done, "loss": float(np.mean(window)), "lr": optimizer.param_groups[0]["lr"]})
-            bar.set_postfix(loss=f"{np.mean(window):.4f}")
-            window = []
-        bar.update(1)
-        if done % cfg.checkpoint.save_every == 0 or done == stage.steps:
-            state = {"step": done, "stage": stage.stage, "world": info.world, "scheduler": scheduler.state_dict()}
-            save_training_checkpoint(ckpt_root, done, info, config, None, None, vae, tokenizer_dir,
-                                     optimizer_tensors(optimizer, vae), state, cfg.checkpoint.keep)
-    bar.close()
-    metrics.close()
+    run.run_steps(AutoencoderSteps(run, net, parts, sources, rule, size), f"stage {stage.stage} (VAE)", progress)
     vae.eval()
     stats = _latent_stats(vae, sources, rule, config.vae.resolution, info.device, cfg.seed)
     config.vae.shift_factor = stats["mean"]
     config.vae.scale_factor = 1.0 / stats["std"]
-    if info.main:
-        tmp = out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_checkpoint(tmp, config, {}, vae, tokenizer_dir=tokenizer_dir)
-        (tmp / "vae_stats.json").write_text(json.dumps({**stats, "vae_config": asdict(config.vae)}, indent=2))
-        (tmp / STATE_FILE).write_text(json.dumps({"step": stage.steps, "stage": stage.stage, "kind": "vae"}))
-        metrics.plot(out / "loss.png")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    barrier(info)
-    return final
+
+    def write_final(folder: Path) -> None:
+        save_checkpoint(folder, config, {}, vae, tokenizer_dir=tokenizer_dir)
+        (folder / "vae_stats.json").write_text(json.dumps({**stats, "vae_config": asdict(config.vae)}, indent=2))
+        (folder / STATE_FILE).write_text(json.dumps({"step": stage.steps, "stage": stage.stage, "kind": "vae"}))
+
+    return run.publish(write_final)
+
+
+def _stage_tokenizer(run: StageRun, texts: list[str]) -> Path:
+    """The stage's tokenizer: trained on the registry's text, or copied from ``model.tokenizer``."""
+    tokenizer_dir = run.out / "tokenizer"
+    model_cfg = run.cfg.model
+    if run.info.main and not (tokenizer_dir / "tokenizer.json").is_file():
+        if model_cfg.tokenizer in (None, "build"):
+            train_tokenizer(texts, tokenizer_dir, vocab_size=model_cfg.tokenizer_vocab_size)
+        else:
+            shutil.copytree(model_cfg.tokenizer, tokenizer_dir, dirs_exist_ok=True)
+    barrier(run.info)
+    return tokenizer_dir
+
+
+def _starting_vae(run: StageRun, config: UniMedVLConfig):
+    """The autoencoder of the checkpoint resumed from, else a fresh one seeded by the run (FLUX weights when
+    ``model.init_from`` is given)."""
+    if run.resume is not None:
+        return load_vae(config, run.resume / VAE_FILE, torch.float32, run.info.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.cfg.seed)
+        vae = build_vae(config.vae)
+    if run.cfg.model.init_from:
+        state = flux_to_diffusers(load_file(str(Path(run.cfg.model.init_from) / VAE_FILE)), config.vae)
+        vae.load_state_dict(state, strict=True)
+    return vae
 
 
 @torch.no_grad()

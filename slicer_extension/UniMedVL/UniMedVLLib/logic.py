@@ -15,11 +15,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["UniMedVLLogic", "RemoteBackend", "LocalBackend", "SYNTHETIC_ATTRIBUTE", "ChatTurn", "TASK_LABELS"]
+__all__ = ["UniMedVLLogic", "RemoteBackend", "LocalBackend", "SYNTHETIC_ATTRIBUTE", "ChatTurn", "task_label",
+           "image_to_image_tasks"]
 
 SYNTHETIC_ATTRIBUTE = "UniMedVL.SyntheticData"
-TASK_LABELS = {"super_resolution": "super-resolution", "virtual_staining": "virtual staining",
-               "contrast_translation": "contrast translation", "edit": "edit", "counterfactual": "counterfactual"}
+
+
+def task_label(name: str) -> str:
+    """A registry task name as the GUI shows it (``virtual_staining`` -> ``virtual staining``)."""
+    return name.replace("_", " ")
+
+
+def image_to_image_tasks(document: dict) -> list[dict]:
+    """The tasks of a registry document (``GET /v1/tasks``) that take a slice and give back an image."""
+    return [t for t in document["tasks"] if t["takes"] == "image" and t["returns"] == "image"]
 
 Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool]
@@ -39,12 +48,15 @@ class RemoteBackend:
     """The UniMedVL server, through the dependency-free client of unimedvl-core."""
 
     def __init__(self, url: str, token: str | None = None):
-        from unimedvl_core.client import UniMedVLClient
+        from unimedvl_core.surfaces.client import UniMedVLClient
 
         self.client = UniMedVLClient(url, token=token or None)
 
     def info(self) -> dict:
         return self.client.info()
+
+    def tasks(self) -> dict:
+        return self.client.tasks()
 
     def vqa(self, image: np.ndarray, question: str, max_new_tokens: int, on_text: Callable[[str], None] | None):
         if on_text is None:
@@ -69,10 +81,11 @@ class RemoteBackend:
 
 
 class LocalBackend:
-    """The model in Slicer's own Python (needs torch and unimedvl-core with its dependencies)."""
+    """The model in Slicer's own Python (needs torch and unimedvl-core with its dependencies); every call runs a
+    task of the registry, as the server does."""
 
     def __init__(self, ckpt_dir: str | None = None, device: str | None = None):
-        from unimedvl_core.defaults import load_model
+        from unimedvl_core.inference.embedded import load_model
 
         self.model = load_model(ckpt_dir or None, device=device, progress=False)
         self.model.progress = False
@@ -82,15 +95,29 @@ class LocalBackend:
         return {"model": m.name, "default_size": list(m.config.default_generation_size),
                 "size_multiple": m.config.latent_downsample, "max_image_side": m.config.max_image_side}
 
+    def tasks(self) -> dict:
+        from unimedvl_core.tasks.catalog import TASKS
+        from unimedvl_core.tasks.registry import ModelLimits
+
+        return TASKS.describe(ModelLimits.of(self.model.config))
+
+    def _run(self, task: str, image, params: dict, progress=None, cancel=None, on_text=None):
+        from unimedvl_core.tasks.catalog import TASKS
+        from unimedvl_core.tasks.registry import RunOptions
+
+        options = RunOptions(callback=self._callback(progress, cancel), streamer=on_text)
+        return TASKS.get(task).run(self.model, image, params, options)
+
     def vqa(self, image, question, max_new_tokens, on_text):
-        return self.model.answer(image, question, max_new_tokens=max_new_tokens, streamer=on_text)
+        params = {"question": question, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})}
+        return self._run("vqa", image, params, on_text=on_text).text
 
     def report(self, image, max_new_tokens):
-        return self.model.generate_report(image, max_new_tokens=max_new_tokens)
+        return self._run("report", image, {"max_new_tokens": max_new_tokens} if max_new_tokens else {}).text
 
     @staticmethod
     def _callback(progress, cancel):
-        from unimedvl_core.server.worker import JobCancelled
+        from unimedvl_core.surfaces.server.worker import JobCancelled
 
         def callback(step, total):
             if progress is not None:
@@ -101,30 +128,12 @@ class LocalBackend:
         return callback
 
     def generate(self, prompt, params, progress, cancel):
-        import torch
-
-        params = dict(params)
-        seed = params.pop("seed", 0)
-        image = self.model.generate_image(prompt, generator=torch.Generator().manual_seed(seed), output_type="np",
-                                          callback=self._callback(progress, cancel), **params)
-        return image
+        result = self._run("text_to_image", None, {**params, "prompt": prompt}, progress, cancel)
+        return np.asarray(result.image)
 
     def image_task(self, task, image, params, progress, cancel):
-        import torch
-
-        params = dict(params)
-        seed = params.pop("seed", 0)
-        common = dict(generator=torch.Generator().manual_seed(seed), callback=self._callback(progress, cancel),
-                      output_type="np")
-        m = self.model
-        if task == "counterfactual":
-            out = m.counterfactual_edit(image, params.pop("instruction"), **params, **common)
-            return out.image, out.explanation
-        if task == "edit":
-            return m.edit_image(image, params.pop("instruction"), **params, **common), None
-        method = {"super_resolution": m.super_resolve, "virtual_staining": m.virtual_stain,
-                  "contrast_translation": m.translate_contrast}[task]
-        return method(image, **params, **common), None
+        result = self._run(task, image, params, progress, cancel)
+        return np.asarray(result.image), result.text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,13 +228,13 @@ class UniMedVLLogic:
         return np.clip(np.rint((plane.astype(np.float64) - low) * 255.0 / (high - low)), 0, 255).astype(np.uint8)
 
     # ----- computations (no scene access) -----
-    def compute_answer(self, image: np.ndarray, question: str, max_new_tokens: int = 256,
+    def compute_answer(self, image: np.ndarray, question: str, max_new_tokens: int | None = None,
                        on_text: Callable[[str], None] | None = None) -> str:
         if not question.strip():
             raise ValueError("the question is empty")
         return self.backend.vqa(image, question, max_new_tokens, on_text)
 
-    def compute_report(self, image: np.ndarray, max_new_tokens: int = 512) -> str:
+    def compute_report(self, image: np.ndarray, max_new_tokens: int | None = None) -> str:
         return self.backend.report(image, max_new_tokens)
 
     def compute_generation(self, prompt: str, params: dict, progress: Progress | None = None,
@@ -236,8 +245,9 @@ class UniMedVLLogic:
 
     def compute_image_task(self, task: str, image: np.ndarray, params: dict, progress: Progress | None = None,
                            cancel: Cancel | None = None) -> tuple[np.ndarray, str | None]:
-        if task not in TASK_LABELS:
-            raise ValueError(f"unknown task {task!r}")
+        names = [t["name"] for t in image_to_image_tasks(self.backend.tasks())]
+        if task not in names:
+            raise ValueError(f"unknown image-to-image task {task!r}; the backend offers {', '.join(names)}")
         return self.backend.image_task(task, image, params, progress, cancel)
 
     # ----- results into the scene (main thread) -----
@@ -280,14 +290,14 @@ class UniMedVLLogic:
         return node
 
     # ----- one call each, for scripts and tests -----
-    def ask(self, volume_node, k: int, question: str, max_new_tokens: int = 256, scene=None, on_text=None):
+    def ask(self, volume_node, k: int, question: str, max_new_tokens: int | None = None, scene=None, on_text=None):
         answer = self.compute_answer(self.display_slice(volume_node, k), question, max_new_tokens, on_text)
         self.history.append(ChatTurn(question, answer, k))
         node = self.add_text_node(scene or volume_node.GetScene(), f"UniMedVL answer (slice {k})",
                                   f"Q: {question}\nA: {answer}")
         return answer, node
 
-    def report(self, volume_node, k: int, max_new_tokens: int = 512, scene=None):
+    def report(self, volume_node, k: int, max_new_tokens: int | None = None, scene=None):
         text = self.compute_report(self.display_slice(volume_node, k), max_new_tokens)
         return text, self.add_text_node(scene or volume_node.GetScene(), f"UniMedVL draft report (slice {k})", text)
 
@@ -298,7 +308,7 @@ class UniMedVLLogic:
     def image_to_image(self, volume_node, k: int, task: str, params: dict | None = None, progress=None, cancel=None):
         image, explanation = self.compute_image_task(task, self.display_slice(volume_node, k), params or {},
                                                      progress, cancel)
-        name = f"{TASK_LABELS[task]} of {volume_node.GetName()} slice {k}"
+        name = f"{task_label(task)} of {volume_node.GetName()} slice {k}"
         node = self.add_image_node(volume_node.GetScene(), image, name, name, source_node=volume_node, k=k)
         if explanation:
             node.SetAttribute("UniMedVL.Explanation", explanation[:2000])

@@ -1,0 +1,33 @@
+"""The embedded default model that ships inside the package, so everything runs offline on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..io.checkpoint import VAE_FILE, WEIGHT_FILES, CheckpointError
+from .model import UniMedVL
+
+__all__ = ["DEFAULT_MODEL_DIR", "load_default_model", "load_model"]
+
+DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default_model"
+
+
+def load_default_model(device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                       progress: bool = True) -> UniMedVL:
+    missing = [n for n in (WEIGHT_FILES["ema"], VAE_FILE) if not (DEFAULT_MODEL_DIR / n).is_file()]
+    if missing:
+        raise CheckpointError(f"the embedded default model is incomplete in this installation ({', '.join(missing)} "
+                              f"missing from {DEFAULT_MODEL_DIR}); reinstall the package or pass --ckpt DIR")
+    model = UniMedVL.from_pretrained(DEFAULT_MODEL_DIR, device=device, dtype=dtype, progress=progress)
+    model.name = "embedded default (phantom-trained)"
+    return model
+
+
+def load_model(ckpt: str | Path | None, device: str | torch.device | None = None, dtype=None,
+               progress: bool = True, **kwargs) -> UniMedVL:
+    """A checkpoint folder when given, else the embedded default."""
+    if ckpt is None:
+        return load_default_model(device or "cpu", dtype, progress)
+    return UniMedVL.from_pretrained(ckpt, device=device, dtype=dtype, progress=progress, **kwargs)

@@ -1,0 +1,203 @@
+"""``UniMedVL``: load a checkpoint in the released layout and read or make medical images with it.
+
+    model = UniMedVL.from_pretrained("/path/to/UniMedVL")
+    model.answer("chest.dcm", "Is there a pleural effusion?")
+    model.generate_image("Chest X-ray with a right lower lobe consolidation", height=512, width=512)
+    model.edit_image("t2.nii.gz", "Translate this T2 MRI image into the corresponding FLAIR image.")
+
+Each method is a front door over a pipeline (``understanding``, ``text_to_image``, ``editing``); the
+defaults are the released scripts' (``GuidanceSettings`` presets, ``DECODING``), the same ones the task
+registry (``unimedvl_core.tasks``) gives every surface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypedDict
+
+import torch
+from PIL import Image
+from typing_extensions import Unpack
+
+from ..io.medical_io import MedicalImage, read_image
+from .components import Components
+from .editing import EditingPipeline
+from .image_generation import EDITING_GUIDANCE, TEXT_TO_IMAGE_GUIDANCE, GuidanceSettings
+from .latents import OUTPUT_TYPES
+from .prompts import report_prompt, staining_instruction, super_resolution_instruction, translation_instruction
+from .text_generation import DECODING, EXPLANATION_TOKENS, TextOutput
+from .text_to_image import TextToImagePipeline
+from .understanding import UnderstandingPipeline
+
+__all__ = ["UniMedVL", "CounterfactualResult", "ImageInput", "OUTPUT_TYPES"]
+
+ImageInput = Any  # PIL image, numpy array, path (PNG/JPEG/DICOM/NIfTI/DICOM folder), pydicom Dataset, MedicalImage
+T2I, EDIT = TEXT_TO_IMAGE_GUIDANCE, EDITING_GUIDANCE
+Callback = Callable[[int, int], None]
+
+
+class EditArgs(TypedDict, total=False):
+    """The arguments of ``edit_image`` that the named image-to-image tasks pass through."""
+
+    height: int | None
+    width: int | None
+    num_inference_steps: int
+    cfg_text_scale: float
+    cfg_img_scale: float
+    cfg_interval: tuple[float, float]
+    timestep_shift: float
+    cfg_renorm_type: str
+    cfg_renorm_min: float
+    generator: torch.Generator | None
+    latents: torch.Tensor | None
+    vae_posterior: str
+    analyze_first: bool
+    output_type: str
+    progress: bool | None
+    callback: Callback | None
+
+
+_GUIDANCE_FIELDS = {f.name for f in fields(GuidanceSettings)}
+
+
+@dataclass
+class CounterfactualResult:
+    image: Any
+    explanation: str
+
+
+class UniMedVL(Components):
+    """The model with its VAE and tokenizer (``Components``), and the tasks users call."""
+
+    @staticmethod
+    def load_image(image: ImageInput) -> MedicalImage:
+        return read_image(image)
+
+    # ----- understanding -----
+
+    def answer(self, image: ImageInput | Sequence[ImageInput], question: str,
+               max_new_tokens: int = DECODING.max_new_tokens, do_sample: bool = DECODING.do_sample,
+               temperature: float = DECODING.temperature, top_p: float = DECODING.top_p,
+               stop_token_ids: Sequence[int] | None = None, streamer: Callable[[str], None] | None = None,
+               generator: torch.Generator | None = None, output_logits: bool = False,
+               return_dict: bool = False) -> str | TextOutput:
+        """Answer a question about one image (or several, in order).
+
+        Args:
+            streamer: called with each new piece of text as it is decoded.
+            stop_token_ids: ids that end decoding (default ``<|im_end|>``); not part of the answer.
+            output_logits, return_dict: return a ``TextOutput`` with the token ids and, if asked, one row of
+                logits per decoding step.
+        """
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        out = UnderstandingPipeline(self)(images, question, max_new_tokens, do_sample, temperature, top_p,
+                                          stop_token_ids, streamer, generator, output_logits)
+        return out if return_dict or output_logits else out.text
+
+    def generate_report(self, image: ImageInput, prompt: str | None = None, modality: str | None = None,
+                        max_new_tokens: int = DECODING.max_new_tokens, **decoding) -> str | TextOutput:
+        """Draft a report for an image; the prompt names the modality when known (DICOM Modality).
+        ``decoding`` takes the other arguments of ``answer``."""
+        if prompt is None:
+            if modality is None:
+                image = read_image(image)
+                modality = image.modality
+            prompt = report_prompt(modality)
+        return self.answer(image, prompt, max_new_tokens=max_new_tokens, **decoding)
+
+    # ----- generation -----
+
+    def generate_image(self, prompt: str, height: int | None = None, width: int | None = None,
+                       num_inference_steps: int = T2I.num_inference_steps, cfg_text_scale: float = T2I.cfg_text_scale,
+                       cfg_img_scale: float = T2I.cfg_img_scale, cfg_interval: tuple[float, float] = T2I.cfg_interval,
+                       timestep_shift: float = T2I.timestep_shift, cfg_renorm_type: str = T2I.cfg_renorm_type,
+                       cfg_renorm_min: float = T2I.cfg_renorm_min, generator: torch.Generator | None = None,
+                       latents: torch.Tensor | None = None, output_type: str = "pil", progress: bool | None = None,
+                       callback: Callback | None = None):
+        """Text-to-image. The default 49 steps is the published 50-timestep schedule (docs/sampling.md).
+
+        Args:
+            height, width: output size, multiples of 16 up to ``max_latent_size * 16`` (1024 for the
+                released model; its default).
+            generator, latents: the initial noise is ``latents`` (shape (z_channels, H/8, W/8)) or drawn
+                from ``generator``.
+            output_type: ``"pil"`` (labelled synthetic), ``"np"`` (uint8 HxWx3), ``"pt"`` (uint8 3xHxW) or
+                ``"latent"`` (the final VAE latents, (z_channels, H/8, W/8)).
+            callback: called as ``callback(step, total)`` after each step; raise inside it to cancel.
+        """
+        settings = GuidanceSettings(num_inference_steps, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
+                                    timestep_shift, cfg_renorm_type, cfg_renorm_min)
+        return TextToImagePipeline(self)(prompt, height, width, settings, generator, latents, output_type, progress,
+                                         callback)
+
+    def edit_image(self, image: ImageInput, instruction: str, height: int | None = None, width: int | None = None,
+                   num_inference_steps: int = EDIT.num_inference_steps, cfg_text_scale: float = EDIT.cfg_text_scale,
+                   cfg_img_scale: float = EDIT.cfg_img_scale, cfg_interval: tuple[float, float] = EDIT.cfg_interval,
+                   timestep_shift: float = EDIT.timestep_shift, cfg_renorm_type: str = EDIT.cfg_renorm_type,
+                   cfg_renorm_min: float = EDIT.cfg_renorm_min, generator: torch.Generator | None = None,
+                   latents: torch.Tensor | None = None, vae_posterior: str = "mean", analyze_first: bool = False,
+                   output_type: str = "pil", progress: bool | None = None, callback: Callback | None = None,
+                   task: str = "image-to-image"):
+        """Image-to-image from an instruction. The output size defaults to the input resized by the
+        generator's VAE rule. Defaults follow the released editing script.
+
+        Args:
+            vae_posterior: ``"mean"`` (deterministic, default) or ``"sample"`` (as the reference does) for
+                encoding the input image.
+            analyze_first: first let the model describe an editing strategy and append it to the
+                instruction (the editing script's describe-first variant).
+            task: the task name written into the output's synthetic labels.
+        """
+        settings = GuidanceSettings(num_inference_steps, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
+                                    timestep_shift, cfg_renorm_type, cfg_renorm_min)
+        return EditingPipeline(self)(image, instruction, height, width, settings, generator, latents, vae_posterior,
+                                     analyze_first, output_type, progress, callback, task)
+
+    # ----- named image-to-image tasks (``edit`` arguments pass through) -----
+
+    def super_resolve(self, image: ImageInput, scale: int = 4, instruction: str | None = None,
+                      **edit_args: Unpack[EditArgs]):
+        """x2/x4 super-resolution: the input is upsampled (bicubic) to the target size, which must fit the
+        model, and the model restores detail at that size."""
+        if scale not in (2, 4):
+            raise ValueError(f"scale must be 2 or 4, got {scale}")
+        loaded = read_image(image)
+        pil = loaded.to_pil()
+        d = self.config.latent_downsample
+        target = [max(d, round(s * scale / d) * d) for s in pil.size]
+        if max(target) > self.config.max_image_side:
+            raise ValueError(f"a {pil.width}x{pil.height} input upscaled {scale}x exceeds the largest output side "
+                             f"({self.config.max_image_side}); crop or downsample it first")
+        upsampled = pil.resize(tuple(target), Image.Resampling.BICUBIC)
+        edit_args.setdefault("height", target[1])
+        edit_args.setdefault("width", target[0])
+        instruction = instruction or super_resolution_instruction(scale, loaded.modality)
+        return self.edit_image(upsampled, instruction, task="super-resolution", **edit_args)
+
+    def virtual_stain(self, image: ImageInput, stain: str = "IHC", instruction: str | None = None,
+                      **edit_args: Unpack[EditArgs]):
+        """Virtual staining of an H&E pathology image (to IHC by default)."""
+        return self.edit_image(image, instruction or staining_instruction(stain), task="virtual-staining", **edit_args)
+
+    def translate_contrast(self, image: ImageInput, source: str = "T2", target: str = "FLAIR",
+                           instruction: str | None = None,
+                      **edit_args: Unpack[EditArgs]):
+        """MRI contrast translation, e.g. T2 -> FLAIR or FLAIR -> T2."""
+        return self.edit_image(image, instruction or translation_instruction(source, target),
+                               task="contrast-translation", **edit_args)
+
+    def counterfactual_edit(self, image: ImageInput, instruction: str,
+                            max_explanation_tokens: int = EXPLANATION_TOKENS,
+                            **edit_args: Unpack[EditArgs]) -> CounterfactualResult:
+        """A counterfactual edit (e.g. "remove the pleural effusion") and the model's explanation text."""
+        unknown = set(edit_args) - set(EditArgs.__annotations__)
+        if unknown:
+            raise TypeError(f"counterfactual_edit got unexpected arguments {sorted(unknown)}")
+        guidance = {k: v for k, v in edit_args.items() if k in _GUIDANCE_FIELDS}
+        if "cfg_interval" in guidance:
+            guidance["cfg_interval"] = tuple(guidance["cfg_interval"])
+        rest = {k: v for k, v in edit_args.items() if k not in _GUIDANCE_FIELDS}
+        image_out, text = EditingPipeline(self)(image, instruction, settings=replace(EDIT, **guidance),
+                                                task="counterfactual", explain_tokens=max_explanation_tokens, **rest)
+        return CounterfactualResult(image_out, text)

@@ -1,0 +1,474 @@
+"""Medical image input: DICOM (files, series folders, multi-frame), NIfTI, PNG/JPEG/TIFF, arrays.
+
+Everything becomes a display-ready 8-bit RGB image the model can read, without the reference's clipping of
+16-bit data: DICOM pixels go through the Modality LUT (rescale slope/intercept), then the VOI transform
+(a window given by the caller, the file's VOI LUT or window, a modality preset, or else the full data
+range), MONOCHROME1 is inverted, colour data (RGB, YBR, palette) is converted to RGB by pydicom.
+Errors name the file and the problem; file paths are the only identifiers ever logged (never patient data).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image, UnidentifiedImageError
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+from ..modeling.preprocessing import MAX_INPUT_PIXELS, to_rgb
+
+__all__ = ["MedicalImage", "ImageReadError", "read_image", "read_slices", "WINDOW_PRESETS", "MODALITY_WINDOWS",
+           "MAX_DECLARED_BYTES", "to_uint8_range", "is_dicom_file", "dicom_image_headers"]
+
+log = logging.getLogger(__name__)
+
+# (centre, width) in modality units (Hounsfield for CT).
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "liver": (60.0, 160.0),
+    "mediastinum": (50.0, 350.0),
+}
+# Used when a file carries no VOI information; other modalities use their full data range.
+MODALITY_WINDOWS = {"CT": "soft_tissue"}
+# Refuse before decoding anything larger than this (declared rows x columns x frames x samples x bytes).
+MAX_DECLARED_BYTES = 2 * 1024**3
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class ImageReadError(ValueError):
+    """An input image cannot be read or is not supported; the message names the source and the problem."""
+
+
+@dataclass
+class MedicalImage:
+    """A 2-D image ready for the model, with where it came from.
+
+    Args:
+        pixels: (H, W, 3) uint8 RGB.
+        source: a short name of the source (file name, "array", ...), safe to log.
+        dataset: the DICOM object the pixels came from, kept for derived outputs (never logged).
+        frame: index of the frame or slice within the source, if it had several.
+        num_frames: how many frames or slices the source had.
+        modality: DICOM Modality when known.
+        window: (centre, width) applied, in modality units, when a window was used.
+        value_range: modality values mapped linearly onto 0..255 (the window's edges, or the data range),
+            so that derived outputs can be mapped back; None when a non-linear VOI LUT was used.
+        geometry: spatial metadata of the slice when known (``pixel_spacing``, ``affine`` for NIfTI).
+    """
+
+    pixels: np.ndarray
+    source: str
+    dataset: Dataset | None = None
+    frame: int | None = None
+    num_frames: int = 1
+    modality: str | None = None
+    window: tuple[float, float] | None = None
+    geometry: dict[str, Any] = field(default_factory=dict)
+    value_range: tuple[float, float] | None = None
+
+    def to_pil(self) -> Image.Image:
+        return Image.fromarray(self.pixels)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+
+WindowArg = tuple[float, float] | str | None
+
+
+def read_image(source: Any, frame: int | None = None, window: WindowArg = None,
+               series_uid: str | None = None) -> MedicalImage:
+    """One 2-D image from a PIL image, NumPy array, path (PNG/JPEG/TIFF, DICOM file, DICOM series folder,
+    NIfTI), pydicom Dataset or ``MedicalImage``. Volumes and multi-frame objects give their middle slice
+    unless ``frame`` says which."""
+    slices = read_slices(source, frames=None if frame is None else [frame], window=window, series_uid=series_uid,
+                         middle_only=frame is None)
+    return slices[0]
+
+
+def read_slices(source: Any, frames: list[int] | None = None, window: WindowArg = None,
+                series_uid: str | None = None, middle_only: bool = False) -> list[MedicalImage]:
+    """Every slice or frame of a source (or those listed in ``frames``), for per-slice processing."""
+    if isinstance(source, MedicalImage):
+        return [source]
+    if isinstance(source, Image.Image):
+        return [MedicalImage(_pil_to_rgb(source, "PIL image"), "PIL image")]
+    if isinstance(source, np.ndarray):
+        return _array_slices(source, frames, middle_only)
+    if isinstance(source, Dataset):
+        return _dicom_slices(source, "DICOM dataset", frames, window, middle_only)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        name = path.name
+        if not path.exists():
+            raise ImageReadError(f"{path}: no such file or folder")
+        if path.is_dir():
+            return _series_slices(path, frames, window, series_uid, middle_only)
+        if name.lower().endswith(_NIFTI_SUFFIXES):
+            return _nifti_slices(path, frames, window, middle_only)
+        if is_dicom_file(path) or name.lower().endswith(".dcm"):
+            return _dicom_slices(_read_dicom(path), name, frames, window, middle_only)
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return [MedicalImage(_pil_to_rgb(img, name), name)]
+        except (UnidentifiedImageError, OSError) as err:
+            raise ImageReadError(f"{path}: not a readable image ({err})") from None
+    raise ImageReadError(f"unsupported image input of type {type(source).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8-bit conversion
+
+
+def to_uint8_range(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly onto [0, 255]; a constant image becomes 0."""
+    values = values.astype(np.float64, copy=False)
+    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _full_range(values: np.ndarray) -> np.ndarray:
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    if finite.size == 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return to_uint8_range(np.nan_to_num(values.astype(np.float64)), float(finite.min()), float(finite.max()))
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
+    if img.width * img.height > MAX_INPUT_PIXELS:
+        raise ImageReadError(f"{name}: {img.width}x{img.height} exceeds {MAX_INPUT_PIXELS} pixels")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images: rescale the full range (PIL's convert("RGB") would clip at 255).
+        return _gray_to_rgb(_full_range(np.asarray(img)))
+    return np.asarray(to_rgb(img), dtype=np.uint8)
+
+
+def _array_to_rgb(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        gray = arr if arr.dtype == np.uint8 else _full_range(arr)
+        return _gray_to_rgb(gray)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        if arr.dtype != np.uint8:
+            arr = _full_range(arr)
+        img = Image.fromarray(arr, mode="RGBA" if arr.shape[-1] == 4 else "RGB")
+        return np.asarray(to_rgb(img), dtype=np.uint8)
+    raise ImageReadError(f"{name}: array of shape {arr.shape} is not an image (H, W), (H, W, 1|3|4)")
+
+
+def _pick(count: int, frames: list[int] | None, middle_only: bool, name: str) -> list[int]:
+    if frames is None:
+        return [count // 2] if middle_only else list(range(count))
+    bad = [f for f in frames if not -count <= f < count]
+    if bad:
+        raise ImageReadError(f"{name}: frame/slice {bad[0]} out of range (it has {count})")
+    return [f % count for f in frames]
+
+
+def _array_slices(arr: np.ndarray, frames, middle_only) -> list[MedicalImage]:
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4) or arr.ndim == 4:
+        # A volume or stack: slices along the first axis.
+        picked = _pick(arr.shape[0], frames, middle_only, "array")
+        low, high = (float(np.nanmin(arr)), float(np.nanmax(arr))) if arr.dtype != np.uint8 else (0, 255)
+        out = []
+        for i in picked:
+            sl = arr[i]
+            pixels = _array_to_rgb(sl if arr.dtype == np.uint8 else to_uint8_range(sl, low, high), "array")
+            out.append(MedicalImage(pixels, "array", frame=i, num_frames=arr.shape[0]))
+        return out
+    return [MedicalImage(_array_to_rgb(arr, "array"), "array")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DICOM
+
+
+def is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _read_dicom(path: Path, stop_before_pixels: bool = False) -> Dataset:
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError as err:
+        # Older files often lack the preamble and file meta; accept them when they parse as a dataset
+        # with an SOP class, which arbitrary bytes do not.
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=True)
+            if "SOPClassUID" in ds:
+                return ds
+        except Exception:
+            pass
+        raise ImageReadError(f"{path.name}: not a DICOM file ({err})") from None
+    except Exception as err:  # truncated or corrupt files raise many types inside pydicom
+        raise ImageReadError(f"{path.name}: unreadable DICOM ({type(err).__name__}: {err})") from None
+
+
+def check_declared_size(ds: Dataset, name: str) -> None:
+    """Refuse absurd declared sizes before any pixel buffer is allocated."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ImageReadError(f"{name}: missing or invalid image size attributes ({err})") from None
+    if rows <= 0 or cols <= 0 or frames <= 0:
+        raise ImageReadError(f"{name}: invalid image size {rows}x{cols}x{frames}")
+    if rows * cols > MAX_INPUT_PIXELS:
+        raise ImageReadError(f"{name}: {cols}x{rows} per frame exceeds {MAX_INPUT_PIXELS} pixels")
+    declared = rows * cols * frames * samples * max(bits, 8) // 8
+    if declared > MAX_DECLARED_BYTES:
+        raise ImageReadError(f"{name}: declared pixel data of {declared / 1024**3:.1f} GiB exceeds the "
+                             f"{MAX_DECLARED_BYTES / 1024**3:.0f} GiB limit")
+
+
+def _decode(ds: Dataset, name: str) -> np.ndarray:
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        sop = getattr(ds, "SOPClassUID", None)
+        what = sop.name if sop is not None else "unknown SOP class"
+        raise ImageReadError(f"{name}: no pixel data ({what}); not an image")
+    check_declared_size(ds, name)
+    try:
+        return ds.pixel_array
+    except Exception as err:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        hint = ""
+        if ts is not None and ts.is_compressed:
+            hint = f" (transfer syntax {ts.name}; install unimedvl-core[dicom-codecs] for its decoder)"
+        raise ImageReadError(f"{name}: cannot decode pixel data{hint}: {err}") from None
+
+
+def _frame_attributes(ds: Dataset, frame: int) -> Dataset:
+    """A small dataset holding what the Modality LUT and VOI steps need for one frame, including the
+    values an enhanced multi-frame object keeps in its shared or per-frame functional groups."""
+    out = Dataset()
+    for kw in ("PhotometricInterpretation", "BitsStored", "BitsAllocated", "PixelRepresentation", "RescaleSlope",
+               "RescaleIntercept", "RescaleType", "ModalityLUTSequence", "WindowCenter", "WindowWidth",
+               "VOILUTFunction", "VOILUTSequence", "Modality"):
+        if kw in ds:
+            setattr(out, kw, ds[kw].value)
+    groups = []
+    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
+        groups.append(ds.SharedFunctionalGroupsSequence[0])
+    if "PerFrameFunctionalGroupsSequence" in ds and frame < len(ds.PerFrameFunctionalGroupsSequence):
+        groups.append(ds.PerFrameFunctionalGroupsSequence[frame])
+    for group in groups:
+        for seq_kw, kws in (("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
+                            ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction"))):
+            if seq_kw in group and len(group[seq_kw].value):
+                item = group[seq_kw].value[0]
+                for kw in kws:
+                    if kw in item:
+                        setattr(out, kw, item[kw].value)
+    return out
+
+
+def _first(value) -> float:
+    return float(value[0]) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else float(value)
+
+
+def _window_dataset(centre: float, width: float, function: str = "LINEAR") -> Dataset:
+    """VOI attributes on an 8-bit unsigned output range, so pydicom's windowing yields 0..255 directly."""
+    voi = Dataset()
+    voi.PhotometricInterpretation = "MONOCHROME2"
+    voi.BitsStored = 8
+    voi.PixelRepresentation = 0
+    voi.WindowCenter = centre
+    voi.WindowWidth = max(width, 1.0)
+    voi.VOILUTFunction = function
+    return voi
+
+
+def _apply_window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    return np.rint(apply_voi_lut(values, _window_dataset(centre, width, function))).astype(np.uint8)
+
+
+def _gray_dicom_to_uint8(frame: np.ndarray, attrs: Dataset, window: WindowArg,
+                         modality: str | None) -> tuple[np.ndarray, tuple[float, float] | None, tuple | None]:
+    """8-bit display values, the (centre, width) used if any, and the modality-value range shown."""
+    values = apply_modality_lut(frame, attrs) if ("RescaleSlope" in attrs or "ModalityLUTSequence" in attrs) \
+        else frame.astype(np.float64)
+    if isinstance(window, str):
+        if window not in WINDOW_PRESETS:
+            raise ImageReadError(f"unknown window preset {window!r}; choose from {sorted(WINDOW_PRESETS)}")
+        window = WINDOW_PRESETS[window]
+    def windowed(centre, width, function="LINEAR"):
+        edges = (centre - width / 2, centre + width / 2) if function != "SIGMOID" else None
+        return _apply_window(values, centre, width, function), (centre, width), edges
+
+    if window is not None:
+        return windowed(float(window[0]), float(window[1]))
+    if "VOILUTSequence" in attrs and len(attrs.VOILUTSequence):
+        out = apply_voi_lut(frame, attrs)  # a LUT indexes stored values
+        bits = int(attrs.VOILUTSequence[0].LUTDescriptor[2])
+        return to_uint8_range(out, 0, 2**bits - 1), None, None
+    if "WindowCenter" in attrs and "WindowWidth" in attrs:
+        function = str(attrs.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        return windowed(_first(attrs.WindowCenter), _first(attrs.WindowWidth), function)
+    preset = MODALITY_WINDOWS.get(modality or "")
+    if preset is not None:
+        return windowed(*WINDOW_PRESETS[preset])
+    finite = values[np.isfinite(values)]
+    span = (float(finite.min()), float(finite.max())) if finite.size else None
+    return _full_range(values), None, span
+
+
+def _colour_to_uint8(frame: np.ndarray, bits: int) -> np.ndarray:
+    if frame.dtype == np.uint8:
+        return frame
+    return (frame.astype(np.uint64) >> max(bits - 8, 0)).astype(np.uint8) if frame.dtype.kind == "u" \
+        else _full_range(frame)
+
+
+def _dicom_slices(ds: Dataset, name: str, frames, window: WindowArg, middle_only: bool) -> list[MedicalImage]:
+    arr = _decode(ds, name)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if count == 1:
+        arr = arr[None]
+    colour_bits = int(ds.get("BitsStored", 8) or 8)
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        samples = 3
+        colour_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    modality = ds.get("Modality")
+    out = []
+    for index in _pick(count, frames, middle_only, name):
+        frame = arr[index]
+        used = span = None
+        if samples == 3:
+            pixels = _colour_to_uint8(frame, colour_bits)
+        elif photometric in ("MONOCHROME1", "MONOCHROME2"):
+            gray, used, span = _gray_dicom_to_uint8(frame, _frame_attributes(ds, index), window, modality)
+            pixels = _gray_to_rgb(255 - gray if photometric == "MONOCHROME1" else gray)
+        else:
+            raise ImageReadError(f"{name}: unsupported photometric interpretation {photometric}")
+        geometry = {}
+        if "PixelSpacing" in ds:
+            geometry["pixel_spacing"] = [float(v) for v in ds.PixelSpacing]
+        out.append(MedicalImage(np.ascontiguousarray(pixels), name, dataset=ds, frame=index if count > 1 else None,
+                                num_frames=count, modality=modality, window=used, geometry=geometry,
+                                value_range=span))
+    return out
+
+
+def _slice_sort_key(ds: Dataset) -> tuple:
+    """Position along the slice normal (from orientation and position), else the instance number."""
+    try:
+        orient = np.array([float(v) for v in ds.ImageOrientationPatient])
+        normal = np.cross(orient[:3], orient[3:])
+        return (0, float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])))
+    except (AttributeError, ValueError, TypeError):
+        return (1, float(ds.get("InstanceNumber", 0) or 0))
+
+
+def dicom_image_headers(folder: Path):
+    """(path, header) of every DICOM image file under ``folder``; unreadable files and non-image objects
+    (SR, RT structure sets, ...) are passed over with a log line naming the file only."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if not is_dicom_file(path):
+            continue
+        try:
+            header = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception:
+            log.warning("skipping unreadable DICOM file %s", path.name)
+            continue
+        if "Rows" not in header:
+            log.info("skipping %s: not an image (%s)", path.name, getattr(header.get("SOPClassUID"), "name", "?"))
+            continue
+        yield path, header
+
+
+def _series_slices(folder: Path, frames, window, series_uid, middle_only) -> list[MedicalImage]:
+    series: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path, header in dicom_image_headers(folder):
+        series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))
+    if not series:
+        raise ImageReadError(f"{folder}: no DICOM image files found")
+    if series_uid is None and len(series) > 1:
+        listing = "; ".join(f"{uid} ({len(items)} images)" for uid, items in series.items())
+        raise ImageReadError(f"{folder}: holds {len(series)} image series; choose one with series_uid: {listing}")
+    uid = series_uid if series_uid is not None else next(iter(series))
+    if uid not in series:
+        raise ImageReadError(f"{folder}: no series {uid}")
+    items = sorted(series[uid], key=lambda item: _slice_sort_key(item[1]))
+    if len(items) == 1:
+        path = items[0][0]
+        return _dicom_slices(_read_dicom(path), path.name, frames, window, middle_only)
+    out = []
+    for index in _pick(len(items), frames, middle_only, folder.name):
+        path = items[index][0]
+        image = _dicom_slices(_read_dicom(path), path.name, None, window, True)[0]
+        image.frame, image.num_frames = index, len(items)
+        out.append(image)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NIfTI
+
+
+def _nifti_slices(path: Path, frames, window: WindowArg, middle_only: bool) -> list[MedicalImage]:
+    import nibabel as nib
+
+    try:
+        img = nib.as_closest_canonical(nib.load(str(path)))
+        shape = img.shape
+    except Exception as err:
+        raise ImageReadError(f"{path.name}: unreadable NIfTI ({err})") from None
+    if len(shape) < 2:
+        raise ImageReadError(f"{path.name}: NIfTI of shape {shape} is not an image")
+    if shape[0] * shape[1] > MAX_INPUT_PIXELS:
+        raise ImageReadError(f"{path.name}: slices of {shape[0]}x{shape[1]} exceed {MAX_INPUT_PIXELS} pixels")
+    declared = int(np.prod(shape)) * 4
+    if declared > MAX_DECLARED_BYTES:
+        raise ImageReadError(f"{path.name}: volume of {declared / 1024**3:.1f} GiB exceeds the limit")
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    while data.ndim > 3:  # 4-D and more: the first volume
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[..., None]
+    if isinstance(window, str):
+        if window not in WINDOW_PRESETS:
+            raise ImageReadError(f"unknown window preset {window!r}; choose from {sorted(WINDOW_PRESETS)}")
+        window = WINDOW_PRESETS[window]
+    if window is not None:
+        low, high = window[0] - window[1] / 2, window[0] + window[1] / 2
+    else:
+        finite = data[np.isfinite(data)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    out = []
+    for k in _pick(data.shape[2], frames, middle_only, path.name):
+        # RAS+ voxels shown as radiologists view an axial slice: anterior up, patient right on the left.
+        gray = to_uint8_range(data[:, :, k].T[::-1, ::-1], low, high)
+        out.append(MedicalImage(_gray_to_rgb(gray), path.name, frame=k, num_frames=data.shape[2],
+                                window=tuple(window) if window is not None else None,
+                                geometry={"affine": img.affine.tolist(), "slice_axis": 2}, value_range=(low, high)))
+    return out

@@ -1,0 +1,224 @@
+"""The ``unimedvl`` command line.
+
+    unimedvl vqa --image chest.dcm --question "Is there a pleural effusion?" [--ckpt DIR]
+    unimedvl report --image chest.dcm
+    unimedvl text_to_image --prompt "Axial CT of the chest with two nodules" --out ct.png
+    unimedvl edit --image t2.nii.gz --instruction "..." --out flair.png
+    unimedvl super_resolution | virtual_staining | contrast_translation | counterfactual ...
+    unimedvl tasks [--json]     (every task, its parameters, defaults and limits)
+    unimedvl demo
+
+The task subcommands are generated from the task registry (``unimedvl_core.tasks``).
+
+Without ``--ckpt`` the embedded default model is used. Image outputs are PNG files labelled as synthetic,
+plus DICOM Secondary Capture objects in the source study when the input was DICOM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .. import __version__
+from ..inference.embedded import DEFAULT_MODEL_DIR, load_model
+from ..io.medical_io import ImageReadError
+from ..modeling.config import UniMedVLConfig
+from ..tasks.catalog import TASKS
+from ..tasks.registry import ModelLimits
+from .cli_tasks import HelpFormatter, add_model_args, add_task_commands, run_task_command
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("unimedvl")
+
+
+def _add_tool_commands(sub) -> None:
+    from ..training.launch import build_parser as train_parser
+
+    train_parser(sub.add_parser("train", help="train a curriculum stage (see configs/train/)"))
+    p = sub.add_parser("phantoms", help="write procedural phantom studies in the released training formats",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--n", type=int, default=1000, help="number of phantom studies")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p = sub.add_parser("phantom-eval", help="score a model on freshly generated phantoms",
+                       formatter_class=HelpFormatter)
+    add_model_args(p)
+    p.add_argument("--n", type=int, default=200, help="phantom studies for VQA")
+    p.add_argument("--t2i", type=int, default=120, help="text-to-image samples")
+    p.add_argument("--sr", type=int, default=60, help="super-resolution samples")
+    p.add_argument("--steps", type=int, default=25,
+                   help="sampling steps; 25 is the protocol of the embedded model's recorded scores")
+    p.add_argument("--eval-seed", type=int, default=20261123, help="seed of the fresh phantoms")
+    p.add_argument("--out", type=Path, default=None, help="write the scores as JSON")
+
+
+def _add_evaluate_command(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a model on benchmark or released-format data",
+                       formatter_class=HelpFormatter)
+    add_model_args(p)
+    p.add_argument("--vqa", action="append", default=[], metavar="FORMAT=PATH",
+                   help="VQA data: vqa_rad, slake, pathvqa, omnimedvqa, gmai_mmbench or sft_jsonl (repeatable)")
+    p.add_argument("--reports", default=None, help="report SFT JSONL (BLEU / ROUGE-L)")
+    p.add_argument("--editing", action="append", default=[], help="editing JSONL (PSNR / SSIM; repeatable)")
+    p.add_argument("--t2i", default=None, help="text-to-image JSONL with reference images (FID)")
+    p.add_argument("--fid-extractor", default="unimedvl-vit", help="unimedvl-vit or hf:<path to a vision model>")
+    p.add_argument("--data-dir", default=None, help="folder that relative data paths are in")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per evaluation")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the task registry's)")
+    p.add_argument("--out", type=Path, default=Path("outputs/eval"), help="output folder")
+
+
+def _add_service_commands(sub) -> None:
+    p = sub.add_parser("info", help="describe the model", formatter_class=HelpFormatter)
+    add_model_args(p)
+    p = sub.add_parser("tasks", help="list the tasks, their parameters, defaults and limits",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", type=Path, help="checkpoint whose limits to show (default: embedded model)")
+    p.add_argument("--json", action="store_true", help="print the registry as JSON (as GET /v1/tasks serves it)")
+    p = sub.add_parser("serve", help="run the HTTP inference server (FastAPI)", formatter_class=HelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    p.add_argument("--port", type=int, default=8765, help="port")
+    p.add_argument("--token", default=None, help="bearer token (default: UNIMEDVL_TOKEN); required beyond loopback")
+    p = sub.add_parser("demo", help="run every kind of task on the embedded default model and write the results",
+                       formatter_class=HelpFormatter)
+    add_model_args(p)
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the task registry's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unimedvl", description="UniMedVL: read and make medical images.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"unimedvl-core {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_task_commands(sub)
+    _add_service_commands(sub)
+    _add_evaluate_command(sub)
+    _add_tool_commands(sub)
+    return parser
+
+
+def _load(args):
+    model = load_model(args.ckpt, device=args.device, dtype=args.dtype, progress=not args.no_progress,
+                       **({"weights": args.weights, "device_map": args.device_map} if args.ckpt else {}))
+    model.progress = not args.no_progress
+    return model
+
+
+def _tasks(args) -> int:
+    limits = ModelLimits.of(UniMedVLConfig.from_dir(args.ckpt or DEFAULT_MODEL_DIR))
+    doc = TASKS.describe(limits)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"limits: {json.dumps(doc['limits'])}")
+    for task in doc["tasks"]:
+        aliases = f" (also {', '.join(task['aliases'])})" if task["aliases"] else ""
+        print(f"\n{task['name']}{aliases}: {task['summary']} [{task['takes']} -> {task['returns']}]")
+        for p in task["params"]:
+            shown = "required" if p["required"] else f"default {p['default']}"
+            print(f"  {p['name']:24s} {p['type']:8s} {shown:22s} {p['help']}")
+    return 0
+
+
+def _demo(args, model) -> int:
+    from .demo import run_demo
+
+    run_demo(model, args.out, seed=args.seed, steps=args.steps, progress=not args.no_progress)
+    return 0
+
+
+def _phantoms(args) -> int:
+    from ..data.phantoms import write_dataset
+
+    counts = write_dataset(args.out, args.n, seed=args.seed, size=args.size)
+    for name, count in counts.items():
+        print(f"{name}: {count}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _phantom_eval(args, model) -> int:
+    from ..data.phantom_eval import evaluate_phantoms
+
+    scores = evaluate_phantoms(model, n=args.n, t2i=args.t2i, sr=args.sr, steps=args.steps, seed=args.eval_seed,
+                               progress=not args.no_progress)
+    text = json.dumps(scores, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def _evaluate(args, model) -> int:
+    from .bundle import EvaluationRunner
+
+    vqa = []
+    for spec in args.vqa:
+        if "=" not in spec:
+            raise ValueError(f"--vqa takes FORMAT=PATH, got {spec!r}")
+        fmt, path = spec.split("=", 1)
+        vqa.append({"format": fmt, "path": path, "name": fmt})
+    results = EvaluationRunner(model, str(args.out), vqa=vqa, reports=args.reports, editing=args.editing,
+                               text_to_image=args.t2i, fid_extractor=args.fid_extractor, data_dir=args.data_dir,
+                               limit=args.limit, num_inference_steps=args.steps, progress=not args.no_progress).run()
+    print((args.out / "results.md").read_text())
+    print(f"wrote {', '.join(results['files'].values())}")
+    return 0
+
+
+def _serve(args) -> int:
+    import os
+
+    from .server.app import serve
+
+    try:
+        serve(str(args.ckpt) if args.ckpt else None, args.host, args.port,
+              args.token or os.environ.get("UNIMEDVL_TOKEN"), args.device, args.dtype)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _info(args, model) -> int:
+    print(model)
+    print(json.dumps(model.config.to_dict(), indent=2))
+    return 0
+
+
+def _without_model(args) -> int | None:
+    """Commands that load no model (or load their own)."""
+    if args.command == "train":
+        from ..training.launch import run
+
+        return run(args)
+    handlers = {"phantoms": _phantoms, "serve": _serve, "tasks": _tasks}
+    return handlers[args.command](args) if args.command in handlers else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        status = _without_model(args)
+        if status is not None:
+            return status
+        model = _load(args)
+        handlers = {"info": _info, "demo": _demo, "phantom-eval": _phantom_eval, "evaluate": _evaluate}
+        return handlers.get(args.command, run_task_command)(args, model)
+    except (ImageReadError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

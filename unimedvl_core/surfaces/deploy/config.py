@@ -1,0 +1,115 @@
+"""The task file of the MONAI Deploy application (YAML or JSON), read once at start-up and checked against
+the task registry (``unimedvl tasks`` lists every task, parameter, default and limit).
+
+    series_selection: {selections: [...]}   # DICOMSeriesSelectorOperator rules; default: supported modalities
+    slices: key                              # key | all | {start: 10, stop: 20}
+    window: null                             # [centre, width] or a preset name; null = the file's own
+    tasks:                                   # each: a registry task name and any of its parameters
+      - {task: vqa, questions: ["Is there a pleural effusion?"]}     # list form: once per question
+      - {task: report}
+      - {task: super_resolution, scale: 2}
+      - {task: contrast_translation, source: T2, target: FLAIR}
+      - {task: counterfactual, instruction: "Remove the effusion."}
+      - {task: text_to_image, prompts: ["..."]}   # only when asked for
+    num_inference_steps: 49                  # a task parameter at the top applies to every task that has it
+    seed: 0
+    device: null                             # cuda when available, else cpu
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ...tasks.catalog import TASKS
+
+__all__ = ["TaskSpec", "DeployConfig", "load_deploy_config", "parse_task", "DEFAULT_SELECTION"]
+
+# Image modalities the model reads; SR, RT, KO, PR and other non-image objects never match.
+DEFAULT_SELECTION = {"selections": [{
+    "name": "supported image series",
+    "conditions": {"Modality": "(?i)^(CT|MR|CR|DX|DR|MG|US|XA|RF|PT|NM|SM|OT|XC|ES|GM|OP|IO|PX|RG)$"},
+}]}
+
+SETTINGS = ("tasks", "series_selection", "slices", "window", "device")
+
+
+@dataclass
+class TaskSpec:
+    """One entry of the task file: a registry task, its parameters, and the values of its repeatable
+    parameter (e.g. the questions of VQA) when given as a list."""
+
+    task: str
+    params: dict = field(default_factory=dict)
+    repeat: tuple[str, list] | None = None
+
+    def runs(self) -> list[dict]:
+        """The parameters of each run: one per value of the repeated parameter."""
+        if self.repeat is None:
+            return [dict(self.params)]
+        name, values = self.repeat
+        return [{**self.params, name: v} for v in values]
+
+
+def parse_task(entry: dict, defaults: dict | None = None) -> TaskSpec:
+    """A task-file entry checked against the registry; ``defaults`` (top-level parameters) fill in the
+    parameters the entry leaves out. Raises ``ValueError`` naming the task and the parameter."""
+    if not isinstance(entry, dict) or "task" not in entry:
+        raise ValueError(f"each task needs a 'task' name, got {entry!r}")
+    entry = dict(entry)
+    task = TASKS.get(entry.pop("task"))
+    repeat = None
+    for plural, param in task.plural_params().items():
+        if plural in entry:
+            values = entry.pop(plural)
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{task.name}: {plural} must be a non-empty list")
+            repeat = (param.name, values)
+    names = {p.name for p in task.params}
+    params = {**{k: v for k, v in (defaults or {}).items() if k in names}, **entry}
+    spec = TaskSpec(task.name, params, repeat)
+    try:
+        for run in spec.runs():
+            task.resolve(run)
+    except ValueError as err:
+        raise ValueError(f"task {task.name}: {err}") from None
+    return spec
+
+
+@dataclass
+class DeployConfig:
+    tasks: list[TaskSpec]
+    series_selection: dict = field(default_factory=lambda: DEFAULT_SELECTION)
+    slices: Any = "key"
+    window: Any = None
+    device: str | None = None
+
+    @property
+    def slice_mode(self) -> tuple[str, int | None, int | None]:
+        if isinstance(self.slices, dict):
+            return "range", self.slices.get("start"), self.slices.get("stop")
+        if self.slices not in ("key", "all"):
+            raise ValueError(f"slices must be key, all or {{start, stop}}, got {self.slices!r}")
+        return self.slices, None, None
+
+
+def load_deploy_config(path: str | Path) -> DeployConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file not found: {path}")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict) or not data.get("tasks"):
+        raise ValueError(f"{path}: needs a 'tasks' list")
+    parameter_names = {p.name for task in TASKS for p in task.params}
+    unknown = set(data) - set(SETTINGS) - parameter_names
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    defaults = {k: v for k, v in data.items() if k in parameter_names}
+    tasks = [parse_task(t, defaults) for t in data["tasks"]]
+    settings = {k: v for k, v in data.items() if k in SETTINGS and k != "tasks"}
+    return DeployConfig(tasks=tasks, **settings)

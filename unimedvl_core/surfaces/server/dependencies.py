@@ -1,0 +1,129 @@
+"""What routes depend on (FastAPI ``Depends``): the settings, the task registry, the lifespan-loaded model,
+the worker queue, bearer-token auth, and the ``Runner`` that runs registry tasks through the queue."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+
+from ...tasks.registry import ModelLimits, RunOptions, Task, TaskRegistry, TaskResult, UnknownTaskError
+from .media import http_error
+from .settings import Settings
+from .worker import Job, JobCancelled, JobTimeout, ModelWorker, QueueFull
+
+__all__ = ["Runner", "get_settings", "get_registry", "get_model", "get_worker", "get_runner", "authorized",
+           "SettingsDep", "RegistryDep", "ModelDep", "RunnerDep", "lookup_task", "known_form_fields"]
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> TaskRegistry:
+    return request.app.state.tasks
+
+
+def get_model(request: Request) -> Any:
+    return request.app.state.model
+
+
+def get_worker(request: Request) -> ModelWorker:
+    worker = getattr(request.app.state, "worker", None)
+    if worker is None:
+        raise http_error(503, "the model is still loading")
+    return worker
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[TaskRegistry, Depends(get_registry)]
+ModelDep = Annotated[Any, Depends(get_model)]
+
+
+def authorized(request: Request, settings: SettingsDep) -> None:
+    """Every route but ``/health`` needs ``Authorization: Bearer <token>`` when the server has a token."""
+    if settings.token is None:
+        return
+    header = request.headers.get("authorization", "")
+    if not secrets.compare_digest(header.encode(), f"Bearer {settings.token}".encode()):
+        raise HTTPException(status_code=401, detail="missing or wrong bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+@dataclass
+class Runner:
+    """The one model behind its queue: resolves a task's parameters up front (so bad ones are a 422 before
+    anything is queued) and runs the task only through ``Task.run``."""
+
+    model: Any
+    worker: ModelWorker
+    settings: Settings
+
+    @property
+    def limits(self) -> ModelLimits:
+        return ModelLimits.of(self.model.config)
+
+    def resolve(self, task: Task, values: dict) -> dict:
+        try:
+            return task.resolve(values, self.limits)
+        except ValueError as err:
+            raise http_error(422, str(err)) from None
+
+    def job_fn(self, task: Task, image: Any, params: dict,
+               streamer: Callable[[str], None] | None = None) -> Callable[[Job], TaskResult]:
+        def fn(job: Job) -> TaskResult:
+            return task.run(self.model, image, params, RunOptions(callback=job.progress, streamer=streamer))
+
+        return fn
+
+    def run(self, task: Task, image: Any, params: dict) -> TaskResult:
+        """Queue the task and wait for it: 429 when the queue is full, 504 on timeout, 409 when cancelled."""
+        try:
+            return self.worker.run(task.name, self.job_fn(task, image, params), timeout=self.settings.request_timeout)
+        except QueueFull as err:
+            raise http_error(429, str(err)) from None
+        except JobCancelled:
+            raise http_error(409, "the request was cancelled") from None
+        except JobTimeout as err:
+            raise http_error(504, str(err)) from None
+        except ValueError as err:  # argument errors found while running
+            raise http_error(422, str(err)) from None
+
+    def submit(self, task: Task, fn: Callable[[Job], Any], meta: dict | None = None) -> Job:
+        try:
+            return self.worker.submit(task.name, fn, meta)
+        except QueueFull as err:
+            raise http_error(429, str(err)) from None
+
+
+def get_runner(model: ModelDep, worker: Annotated[ModelWorker, Depends(get_worker)],
+               settings: SettingsDep) -> Runner:
+    return Runner(model, worker, settings)
+
+
+RunnerDep = Annotated[Runner, Depends(get_runner)]
+
+
+def lookup_task(registry: TaskRegistry, name: str) -> Task:
+    """A task by any spelling (old names included, without a warning per request); 404 naming the tasks."""
+    try:
+        return registry.get(name, warn=False)
+    except UnknownTaskError as err:
+        raise http_error(404, str(err)) from None
+
+
+def known_form_fields(task: Task, *extra: str) -> Callable:
+    """A dependency refusing form fields that are neither a parameter of ``task`` nor in ``extra`` (422 naming
+    them), as the task itself refuses unknown parameters."""
+    allowed = {p.name for p in task.params} | set(extra)
+
+    async def check(request: Request) -> None:
+        unknown = sorted(set(await request.form()) - allowed)
+        if unknown:
+            raise http_error(422, f"{task.name}: unknown parameter(s) {', '.join(unknown)} "
+                                  f"(known: {', '.join(sorted(allowed))})")
+
+    return check

@@ -1,0 +1,1 @@
+"""The server's routes, one router per concern; ``unimedvl_core.surfaces.server.app`` mounts them."""

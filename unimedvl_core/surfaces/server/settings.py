@@ -1,0 +1,31 @@
+"""What the server operator decides: the bearer token and the request limits that protect the machine.
+
+Task parameters and their bounds are not here: they are the task registry's (``unimedvl_core.tasks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...modeling.preprocessing import MAX_INPUT_PIXELS
+
+__all__ = ["Settings"]
+
+
+@dataclass
+class Settings:
+    """Server limits.
+
+    Args:
+        token: the bearer token every route but ``/health`` needs; ``None`` leaves them open (loopback only).
+        max_image_pixels: the largest uploaded image, in pixels (413 beyond).
+        max_upload_bytes: the largest upload (413 beyond).
+        max_queue: requests waiting or running before new ones get 429.
+        request_timeout: seconds a synchronous request may wait for its result (504 beyond).
+    """
+
+    token: str | None = None
+    max_image_pixels: int = MAX_INPUT_PIXELS
+    max_upload_bytes: int = 256 * 1024 * 1024
+    max_queue: int = 16
+    request_timeout: float = 3600.0

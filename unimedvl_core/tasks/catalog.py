@@ -1,0 +1,183 @@
+"""The built-in tasks: what UniMedVL reads (VQA, reports) and makes (text-to-image, image-to-image).
+
+Defaults are the released scripts' settings (docs/sampling.md#defaults): 49 velocity evaluations (the
+published 50-timestep schedule) for every image task, greedy decoding of at most 512 tokens for text.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..inference.image_generation import EDITING_GUIDANCE, TEXT_TO_IMAGE_GUIDANCE, GuidanceSettings
+from ..inference.sampling import RENORM_TYPES
+from ..inference.text_generation import DECODING, EXPLANATION_TOKENS
+from .params import Param
+from .registry import RunOptions, Task, TaskRegistry, TaskResult
+
+__all__ = ["TASKS", "MAX_STEPS", "MAX_NEW_TOKENS", "MAX_TEXT_CHARS", "task_generator"]
+
+MAX_STEPS = 200
+MAX_NEW_TOKENS = 2048
+MAX_TEXT_CHARS = 4000
+GUIDANCE_NAMES = tuple(GuidanceSettings.__dataclass_fields__)
+
+
+def task_generator(seed: int) -> torch.Generator:
+    """The random source of a task run: a CPU generator seeded with the task's ``seed`` on every surface, so
+    the same seed gives the same output everywhere."""
+    return torch.Generator().manual_seed(seed)
+
+
+SEED = Param("seed", "int", 0, "random seed of the initial noise (and of sampling, for text)", minimum=0,
+             maximum=2**63 - 1)
+
+
+def _text(name: str, help: str, required: bool = True, plural: str | None = None, default=None) -> Param:
+    return Param(name, "str", default, help, required=required, max_length=MAX_TEXT_CHARS, plural=plural)
+
+
+def _decoding_params() -> tuple[Param, ...]:
+    d = DECODING
+    return (
+        Param("max_new_tokens", "int", d.max_new_tokens, "most tokens to generate", minimum=1, maximum=MAX_NEW_TOKENS),
+        Param("do_sample", "bool", d.do_sample, "sample instead of greedy decoding", flags=("--sample",)),
+        Param("temperature", "float", d.temperature, "sampling temperature", minimum=0, exclusive_minimum=True,
+              maximum=10),
+        Param("top_p", "float", d.top_p, "nucleus sampling mass", minimum=0, exclusive_minimum=True, maximum=1),
+        SEED,
+    )
+
+
+def _guidance_params(g: GuidanceSettings) -> tuple[Param, ...]:
+    return (
+        Param("num_inference_steps", "int", g.num_inference_steps,
+              "velocity evaluations (49 = the published 50-timestep schedule)", minimum=1, maximum=MAX_STEPS,
+              flags=("--steps",)),
+        Param("cfg_text_scale", "float", g.cfg_text_scale, "text guidance scale (<= 1: off)", minimum=0, maximum=30,
+              flags=("--cfg-text",)),
+        Param("cfg_img_scale", "float", g.cfg_img_scale, "image guidance scale (<= 1: off)", minimum=0, maximum=30,
+              flags=("--cfg-img",)),
+        Param("cfg_interval", "interval", g.cfg_interval, "flow times (START, END] where guidance applies"),
+        Param("timestep_shift", "float", g.timestep_shift, "schedule shift s: t -> s*t / (1 + (s-1)*t)",
+              minimum=0, exclusive_minimum=True, maximum=20),
+        Param("cfg_renorm_type", "str", g.cfg_renorm_type, "how guided velocities are renormalised",
+              choices=RENORM_TYPES, flags=("--renorm",)),
+        Param("cfg_renorm_min", "float", g.cfg_renorm_min, "lower bound of the renormalisation factor", minimum=0,
+              maximum=1, flags=("--renorm-min",)),
+        SEED,
+    )
+
+
+def _size_params() -> tuple[Param, ...]:
+    return (Param("height", "int", None, "output height (default: the model's size, or the input's)",
+                  limit="image_side"),
+            Param("width", "int", None, "output width (default: the model's size, or the input's)",
+                  limit="image_side"))
+
+
+def _editing_params() -> tuple[Param, ...]:
+    return (*_guidance_params(EDITING_GUIDANCE),
+            Param("vae_posterior", "str", "mean", "encode the input with the posterior mean or a sample "
+                  "(the reference samples; docs/deviations.md)", choices=("mean", "sample")),
+            Param("analyze_first", "bool", False, "let the model describe an editing strategy first and append it "
+                  "to the instruction"))
+
+
+def _decoding(p: dict, options: RunOptions) -> dict:
+    return dict(max_new_tokens=p["max_new_tokens"], do_sample=p["do_sample"], temperature=p["temperature"],
+                top_p=p["top_p"], generator=task_generator(p["seed"]), streamer=options.streamer)
+
+
+def _generation(p: dict, options: RunOptions) -> dict:
+    kwargs = {name: p[name] for name in GUIDANCE_NAMES}
+    kwargs.update(generator=task_generator(p["seed"]), progress=options.progress, callback=options.callback)
+    return kwargs
+
+
+def _editing(p: dict, options: RunOptions) -> dict:
+    return dict(_generation(p, options), vae_posterior=p["vae_posterior"], analyze_first=p["analyze_first"])
+
+
+def run_vqa(model, image, p: dict, options: RunOptions) -> TaskResult:
+    return TaskResult("vqa", text=model.answer(image, p["question"], **_decoding(p, options)))
+
+
+def run_report(model, image, p: dict, options: RunOptions) -> TaskResult:
+    text = model.generate_report(image, prompt=p["prompt"], modality=getattr(image, "modality", None),
+                                 **_decoding(p, options))
+    return TaskResult("report", text=text)
+
+
+def run_text_to_image(model, image, p: dict, options: RunOptions) -> TaskResult:
+    out = model.generate_image(p["prompt"], height=p["height"], width=p["width"], **_generation(p, options))
+    return TaskResult("text_to_image", image=out)
+
+
+def run_edit(model, image, p: dict, options: RunOptions) -> TaskResult:
+    out = model.edit_image(image, p["instruction"], height=p["height"], width=p["width"], **_editing(p, options))
+    return TaskResult("edit", image=out)
+
+
+def run_super_resolution(model, image, p: dict, options: RunOptions) -> TaskResult:
+    out = model.super_resolve(image, scale=p["scale"], instruction=p["instruction"], **_editing(p, options))
+    return TaskResult("super_resolution", image=out)
+
+
+def run_virtual_staining(model, image, p: dict, options: RunOptions) -> TaskResult:
+    out = model.virtual_stain(image, stain=p["stain"], instruction=p["instruction"], **_editing(p, options))
+    return TaskResult("virtual_staining", image=out)
+
+
+def run_contrast_translation(model, image, p: dict, options: RunOptions) -> TaskResult:
+    out = model.translate_contrast(image, source=p["source"], target=p["target"], instruction=p["instruction"],
+                                   **_editing(p, options))
+    return TaskResult("contrast_translation", image=out)
+
+
+def run_counterfactual(model, image, p: dict, options: RunOptions) -> TaskResult:
+    out = model.counterfactual_edit(image, p["instruction"], max_explanation_tokens=p["max_explanation_tokens"],
+                                    **_editing(p, options))
+    return TaskResult("counterfactual", text=out.explanation, image=out.image)
+
+
+_OVERRIDE = "override the task's instruction"
+
+
+def _builtin_tasks() -> list[Task]:
+    return [
+        Task("vqa", "answer a question about an image", "image", "text",
+             (_text("question", "the question", plural="questions"), *_decoding_params()), run_vqa,
+             examples=('unimedvl vqa --image chest.dcm --question "Is there a pleural effusion?"',)),
+        Task("report", "draft a report for an image", "image", "text",
+             (_text("prompt", "override the report prompt", required=False), *_decoding_params()), run_report,
+             examples=("unimedvl report --image ct_series/ --window lung",)),
+        Task("text_to_image", "generate an image from a description", "text", "image",
+             (_text("prompt", "what to generate", plural="prompts"), *_size_params(),
+              *_guidance_params(TEXT_TO_IMAGE_GUIDANCE)), run_text_to_image, aliases=("generate",),
+             examples=('unimedvl text_to_image --prompt "CT image with two lesions." --out ct.png',)),
+        Task("edit", "image-to-image from an instruction", "image", "image",
+             (_text("instruction", "what to change"), *_size_params(), *_editing_params()), run_edit,
+             examples=('unimedvl edit --image t2.nii.gz --instruction "..." --out out.png',)),
+        Task("super_resolution", "x2/x4 super-resolution", "image", "image",
+             (Param("scale", "int", 4, "upscaling factor", choices=(2, 4)), _text("instruction", _OVERRIDE, False),
+              *_editing_params()), run_super_resolution,
+             examples=("unimedvl super_resolution --image lowres.png --scale 4 --out sr.png",)),
+        Task("virtual_staining", "virtual staining of an H&E pathology image", "image", "image",
+             (Param("stain", "str", "IHC", "the target stain", max_length=40), _text("instruction", _OVERRIDE, False),
+              *_editing_params()), run_virtual_staining, aliases=("stain",),
+             examples=("unimedvl virtual_staining --image he_patch.png --out ihc.png",)),
+        Task("contrast_translation", "MRI contrast translation (e.g. T2 to FLAIR)", "image", "image",
+             (Param("source", "str", "T2", "the input's contrast", max_length=40),
+              Param("target", "str", "FLAIR", "the contrast to make", max_length=40),
+              _text("instruction", _OVERRIDE, False), *_editing_params()), run_contrast_translation,
+             aliases=("translate",),
+             examples=("unimedvl contrast_translation --image t2.dcm --source T2 --target FLAIR --out flair.png",)),
+        Task("counterfactual", "a counterfactual edit and the model's explanation", "image", "image",
+             (_text("instruction", "the counterfactual change"),
+              Param("max_explanation_tokens", "int", EXPLANATION_TOKENS, "most tokens of the explanation",
+                    minimum=1, maximum=MAX_NEW_TOKENS), *_editing_params()), run_counterfactual,
+             examples=('unimedvl counterfactual --image cxr.dcm --instruction "Remove the effusion." --out cf.png',)),
+    ]
+
+
+TASKS = TaskRegistry(_builtin_tasks())

@@ -6,7 +6,8 @@ Prints, per configuration: checkpoint size; the peak resident memory a fresh pro
 it (from_pretrained; safetensors pages are mapped, so weights become resident when first used) and
 after a first answer (every weight the answer uses is then resident: about one copy of the weights);
 VQA prefill time (image + question, up to the first token's logits), decode throughput, and
-text-to-image and editing time. Timings are medians of repeated runs.
+text-to-image and editing time, and text-to-image of 4 prompts batched in one call against one by one.
+Timings are medians of repeated runs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _LOAD_PROBE = """
 import re, sys, torch
 from unimedvl_core import UniMedVL
 import unimedvl_core.inference.model, unimedvl_core.io.checkpoint
+# the libraries loading imports on first use (docs/performance.md#import-time): not part of the load's cost
+import accelerate, diffusers.models.autoencoders.autoencoder_kl, transformers.models.qwen2.modeling_qwen2
+import transformers.models.siglip.modeling_siglip
 torch.set_num_threads(2)
 def kb(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
@@ -93,13 +97,42 @@ def bench(name: str, ckpt: Path, device: str, steps: int, repeats: int) -> dict:
     edit = timed(lambda: model.edit_image(image.resize((side, side)), "Translate this T2 image to FLAIR contrast.",
                                           num_inference_steps=steps, generator=torch.Generator().manual_seed(0)),
                  max(1, repeats // 2))
+    batched, one_by_one = t2i_batched_vs_sequential(model, side, steps, max(1, repeats // 2))
+    vqa_batched, vqa_one_by_one = vqa_batched_vs_sequential(model, image, new_tokens, repeats)
     return {
         "config": name, "device": device, "dtype": str(model.dtype).replace("torch.", ""),
         "params_M": round(params / 1e6, 2), "checkpoint_MB": round(size / 1e6, 1),
         "load_peak_rss_MB": round(load_peak / 1e6, 1), "peak_rss_after_answer_MB": round(used_peak / 1e6, 1),
         "vqa_prefill_s": round(prefill, 4), "decode_tokens_per_s": round(decode_tps, 1),
         f"t2i_{side}px_{steps}steps_s": round(t2i, 3), f"edit_{side}px_{steps}steps_s": round(edit, 3),
+        "t2i_4prompts_batched_s": round(batched, 3), "t2i_4prompts_one_by_one_s": round(one_by_one, 3),
+        "vqa_8pairs_batched_s": round(vqa_batched, 3), "vqa_8pairs_one_by_one_s": round(vqa_one_by_one, 3),
+        "vqa_8pairs_speedup": round(vqa_one_by_one / vqa_batched, 2),
     }
+
+
+PROMPTS = ["Axial CT of the chest with two nodules", "Chest X-ray with a right lower lobe consolidation",
+           "Axial T2 MRI of the brain", "CT image with one lesion"]
+
+
+def t2i_batched_vs_sequential(model, side: int, steps: int, repeats: int) -> tuple[float, float]:
+    """Text-to-image of 4 prompts in one batch (docs/sampling.md#batched-requests) and one by one, seconds."""
+    gens = lambda: [torch.Generator().manual_seed(k) for k in range(len(PROMPTS))]
+    kwargs = dict(height=side, width=side, num_inference_steps=steps)
+    batched = timed(lambda: model.generate_image(PROMPTS, generator=gens(), **kwargs), repeats)
+    one_by_one = timed(lambda: [model.generate_image(p, generator=g, **kwargs) for p, g in zip(PROMPTS, gens())],
+                       repeats)
+    return batched, one_by_one
+
+
+def vqa_batched_vs_sequential(model, image, tokens: int, repeats: int) -> tuple[float, float]:
+    """8 different (image, question) pairs, ``tokens`` tokens each: ``answer_batch`` against one by one."""
+    images = [image.resize((s, s)) for s in (448, 224, 308, 140, 392, 266, 448, 182)]
+    questions = [f"Is there a lesion in region {k}? Describe it." for k in range(len(images))]
+    run = dict(max_new_tokens=tokens, stop_token_ids=[-1])
+    batched = timed(lambda: model.answer_batch(images, questions, **run), repeats)
+    one_by_one = timed(lambda: [model.answer(i, q, **run) for i, q in zip(images, questions)], repeats)
+    return batched, one_by_one
 
 
 def main() -> None:

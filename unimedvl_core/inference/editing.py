@@ -21,7 +21,7 @@ from ..modeling.preprocessing import resize_to_rule, to_model_tensor
 from ..modeling.vae import patchify_latent, vae_encode
 from .components import Components
 from .context import Context
-from .image_generation import EDITING_GUIDANCE, Branch, GuidanceSettings, denoise
+from .image_generation import EDITING_GUIDANCE, Branch, GuidanceSettings, batch_groups, denoise_batch, group_callback
 from .latents import check_guidance, check_size, decode_output, initial_noise, size_from_latents
 from .prompts import EDIT_ANALYSIS, EDIT_ANALYSIS_JOINER
 from .text_generation import ANALYSIS_TOKENS, decode_text
@@ -40,6 +40,17 @@ class ConditionImage:
     latent_tokens: torch.Tensor
     grid: tuple[int, int]
     vit: torch.Tensor
+
+
+@dataclass
+class EditItem:
+    """One input of a batch, ready to denoise: its condition, final instruction, output size and noise."""
+
+    condition: ConditionImage
+    instruction: str
+    height: int
+    width: int
+    noise: torch.Tensor
 
 
 class EditingPipeline:
@@ -97,20 +108,77 @@ class EditingPipeline:
                  callback: Callable[[int, int], None] | None = None, task: str = "image-to-image",
                  explain_tokens: int = 0):
         """The edited image; with ``explain_tokens``, also the model's explanation decoded after it."""
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise ValueError("instruction must be a non-empty string")
+        return self.batch([image], [instruction], height, width, settings, generator,
+                          None if latents is None else [latents], vae_posterior, analyze_first, output_type,
+                          progress, callback, task, explain_tokens)[0]
+
+    def prepare(self, images: list, instructions: list[str], heights: list, widths: list, latents: list,
+                settings: GuidanceSettings, generator, vae_posterior: str, analyze_first: bool) -> list[EditItem]:
+        """Each input encoded, sized and given its noise, image after image (with one ``generator``, as the
+        same number of single calls would draw from it: posterior sample, then noise)."""
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * len(images)
+        if len(generators) != len(images):
+            raise ValueError(f"got {len(generators)} generators for {len(images)} images")
+        items = []
+        for k, (image, instruction, gen) in enumerate(zip(images, instructions, generators)):
+            lat = latents[k]
+            condition = self.encode_condition(image, vae_posterior, gen)
+            height, width = self.output_size(condition, heights[k], widths[k], lat)
+            if analyze_first:
+                instruction = self.analyze(condition, instruction)
+            noise = initial_noise(self.parts, height, width, lat, gen)
+            items.append(EditItem(condition, instruction, height, width, noise))
+        return items
+
+    @torch.inference_mode()
+    def batch(self, images: list, instructions: list[str], height=None, width=None,
+              settings: GuidanceSettings = EDITING_GUIDANCE, generator=None, latents=None,
+              vae_posterior: str = "mean", analyze_first: bool = False, output_type: str = "pil",
+              progress: bool | None = None, callback: Callable[[int, int], None] | None = None,
+              task: str = "image-to-image", explain_tokens: int = 0, batch_size: int | None = None) -> list:
+        """``__call__`` for several inputs: images of the same output size share forwards (at most
+        ``batch_size``); ``height``/``width``/``latents`` are one per input or one for all
+        (docs/sampling.md#batched-requests)."""
+        instructions = per_item(instructions, len(images), "instructions")
+        for instruction in instructions:
+            if not isinstance(instruction, str) or not instruction.strip():
+                raise ValueError("instruction must be a non-empty string")
         check_guidance(settings, output_type)
-        condition = self.encode_condition(image, vae_posterior, generator)
-        height, width = self.output_size(condition, height, width, latents)
-        if analyze_first:
-            instruction = self.analyze(condition, instruction)
-        noise = initial_noise(self.parts, height, width, latents, generator)
-        cond, branches = self.build_branches(condition, instruction, settings, explain_tokens)
+        if latents is not None and not isinstance(latents, (list, tuple)) and torch.as_tensor(latents).dim() == 4:
+            latents = list(torch.as_tensor(latents))
+        items = self.prepare(images, instructions, per_item(height, len(images), "height"),
+                             per_item(width, len(images), "width"), per_item(latents, len(images), "latents"),
+                             settings, generator, vae_posterior, analyze_first)
+        groups = batch_groups([(it.height, it.width) for it in items], batch_size)
+        out = [None] * len(items)
+        for g, group in enumerate(groups):
+            report = group_callback(callback, g, len(groups), settings.num_inference_steps)
+            for k, result in zip(group, self.run_group([items[k] for k in group], settings, progress, report,
+                                                       output_type, task, explain_tokens)):
+                out[k] = result
+        return out
+
+    def run_group(self, items: list[EditItem], settings: GuidanceSettings, progress, callback, output_type: str,
+                  task: str, explain_tokens: int) -> list:
+        contexts = [self.build_branches(it.condition, it.instruction, settings, explain_tokens) for it in items]
         d = self.parts.config.latent_downsample
-        tokens = denoise(cond, branches, height // d, width // d, noise, settings, self.parts.show_progress(progress),
-                         callback)
-        result = decode_output(self.parts, tokens, height, width, output_type, task, instruction)
-        if not explain_tokens:
-            return result
-        # The explanation follows the target image, which (as in training) no later token attends to.
-        return result, decode_text(cond, None, self.parts.tokenizer, explain_tokens).text
+        height, width = items[0].height, items[0].width
+        tokens = denoise_batch([branches for _, branches in contexts], height // d, width // d,
+                               torch.stack([it.noise for it in items]), settings,
+                               self.parts.show_progress(progress), callback)
+        out = []
+        for it, (cond, _), t in zip(items, contexts, tokens):
+            result = decode_output(self.parts, t, height, width, output_type, task, it.instruction)
+            # The explanation follows the target image, which (as in training) no later token attends to.
+            out.append((result, decode_text(cond, None, self.parts.tokenizer, explain_tokens).text)
+                       if explain_tokens else result)
+        return out
+
+
+def per_item(value, count: int, name: str) -> list:
+    """One value per input: a list of ``count`` values, or one value repeated."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name}: got {len(value)} values for {count} inputs")
+        return list(value)
+    return [value] * count

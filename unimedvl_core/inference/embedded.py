@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..io.checkpoint import VAE_FILE, WEIGHT_FILES, CheckpointError
-from .model import UniMedVL
+
+if TYPE_CHECKING:  # the model's code is imported when a model is loaded, so DEFAULT_MODEL_DIR is cheap to import
+    from .model import UniMedVL
 
 __all__ = ["DEFAULT_MODEL_DIR", "load_default_model", "load_model"]
 
@@ -20,6 +23,8 @@ def load_default_model(device: str | torch.device = "cpu", dtype: torch.dtype | 
     if missing:
         raise CheckpointError(f"the embedded default model is incomplete in this installation ({', '.join(missing)} "
                               f"missing from {DEFAULT_MODEL_DIR}); reinstall the package or pass --ckpt DIR")
+    from .model import UniMedVL
+
     model = UniMedVL.from_pretrained(DEFAULT_MODEL_DIR, device=device, dtype=dtype, progress=progress)
     model.name = "embedded default (phantom-trained)"
     return model
@@ -30,4 +35,6 @@ def load_model(ckpt: str | Path | None, device: str | torch.device | None = None
     """A checkpoint folder when given, else the embedded default."""
     if ckpt is None:
         return load_default_model(device or "cpu", dtype, progress)
+    from .model import UniMedVL
+
     return UniMedVL.from_pretrained(ckpt, device=device, dtype=dtype, progress=progress, **kwargs)

@@ -19,7 +19,8 @@ from ..modeling.kv_cache import KVCache
 from .context import Context, image_routing
 from .sampling import branches_needed, combine_guidance, guidance_scales, make_scheduler
 
-__all__ = ["Branch", "GuidanceSettings", "denoise", "TEXT_TO_IMAGE_GUIDANCE", "EDITING_GUIDANCE"]
+__all__ = ["Branch", "GuidanceSettings", "denoise", "denoise_batch", "batch_groups", "group_callback",
+           "TEXT_TO_IMAGE_GUIDANCE", "EDITING_GUIDANCE"]
 
 
 @dataclass
@@ -68,13 +69,52 @@ def denoise(context: Context, branches: list[Branch], h: int, w: int, noise_toke
     ``branches`` are ordered (conditional, text-unconditional, image-unconditional); trailing ones may be
     omitted when guidance never needs them. ``callback(step, total)`` runs after every step.
     """
-    model = context.model
-    device, special = context.device, context.special
-    n = h * w
+    return denoise_batch([branches], h, w, noise_tokens[None], settings, progress, callback)[0]
+
+
+def batch_groups(keys: list, batch_size: int | None) -> list[list[int]]:
+    """Indices of images that can share a forward (the same key, e.g. output size), in order of first
+    appearance, cut into groups of at most ``batch_size`` (default: no bound)."""
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    by_key: dict = {}
+    for index, key in enumerate(keys):
+        by_key.setdefault(key, []).append(index)
+    size = len(keys) if batch_size is None else int(batch_size)
+    return [same[i:i + size] for same in by_key.values() for i in range(0, len(same), size)]
+
+
+def group_callback(callback: Callable[[int, int], None] | None, group: int, groups: int,
+                   steps: int) -> Callable[[int, int], None] | None:
+    """Group ``group``'s step callback counting the steps of all groups: it ends at total = groups * steps."""
+    if callback is None:
+        return None
+    return lambda step, _total: callback(group * steps + step, groups * steps)
+
+
+def _stack_rows(images: list[list[Branch]], query_len: int) -> tuple[KVCache, torch.Tensor]:
+    """Rows ordered branch-major, (branch j, image i) at row j*N + i, so that the rows of the first k branches
+    of every image are the first k*N rows (what ``CachedAttention(rows=...)`` runs)."""
+    order = [branches[j] for j in range(len(images[0])) for branches in images]
+    cache = KVCache.stack([(b.context.cache, 0, b.length) for b in order], extra_capacity=query_len)
+    ropes = torch.tensor([b.rope for b in order], device=images[0][0].context.device)
+    return cache, ropes[:, None].expand(len(order), query_len)
+
+
+def denoise_batch(images: list[list[Branch]], h: int, w: int, noise_tokens: torch.Tensor,
+                  settings: GuidanceSettings, progress: bool = True,
+                  callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """``denoise`` for N images of one size at once: ``images[i]`` are image i's branches (the same count for
+    every image), ``noise_tokens`` (N, h*w, p*p*z); returns (N, h*w, p*p*z) fp32. Every step runs the needed
+    branches of every image as rows of one forward; each image combines its own rows (``combine_guidance``).
+    """
+    if len({len(b) for b in images}) != 1 or noise_tokens.shape[0] != len(images):
+        raise ValueError("every image needs the same number of branches and its own noise")
+    context = images[0][0].context
+    model, device, special = context.model, context.device, context.special
+    count, n = len(images), h * w
     query_len = n + 2
-    cache = KVCache.stack([(b.context.cache, 0, b.length) for b in branches], extra_capacity=query_len)
-    ropes = torch.tensor([b.rope for b in branches], device=device)
-    positions = ropes[:, None].expand(len(branches), query_len)
+    cache, positions = _stack_rows(images, query_len)
     latent_pos = model.latent_position_ids(h, w, device)
     routing = image_routing(n, device)
     markers = model.embed_tokens(torch.tensor([special.vision_start, special.vision_end], device=device))
@@ -87,15 +127,19 @@ def denoise(context: Context, branches: list[Branch], h: int, w: int, noise_toke
         sigma = scheduler.sigmas[i]
         text_scale, img_scale = guidance_scales(sigma, settings.cfg_interval, settings.cfg_text_scale,
                                                 settings.cfg_img_scale)
-        rows = min(branches_needed(text_scale, img_scale), len(branches))
-        if rows not in attention:
-            attention[rows] = CachedAttention(cache, query_len, causal=False, rows=rows)
-        tokens = model.embed_latent_tokens(x, sigma.reshape(1).to(device), latent_pos)
-        seq = torch.cat([markers[:1], tokens.to(markers.dtype), markers[1:]])[None].expand(rows, -1, -1)
-        hidden = model.run_llm(seq, positions[:rows], routing, attention[rows])
+        k = min(branches_needed(text_scale, img_scale), len(images[0]))
+        if k not in attention:
+            attention[k] = CachedAttention(cache, query_len, causal=False, rows=k * count)
+        # Each image's tokens are embedded alone, as a single-image run embeds them.
+        tokens = torch.stack([model.embed_latent_tokens(x[b], sigma.reshape(1).to(device), latent_pos)
+                              for b in range(count)]).to(markers.dtype)
+        ends = markers[None].expand(count, -1, -1)
+        seq = torch.cat([ends[:, :1], tokens, ends[:, 1:]], dim=1).repeat(k, 1, 1)
+        hidden = model.run_llm(seq, positions[: k * count], routing, attention[k])
         v = model.velocity(hidden[:, 1:-1]).float()
-        v = combine_guidance(v[0], v[1] if rows > 1 else None, v[2] if rows > 2 else None, text_scale, img_scale,
-                             settings.cfg_renorm_type, settings.cfg_renorm_min)
+        v = torch.stack([combine_guidance(*[v[j * count + b] if j < k else None for j in range(3)], text_scale,
+                                          img_scale, settings.cfg_renorm_type, settings.cfg_renorm_min)
+                         for b in range(count)])
         x = scheduler.step(v, timestep, x).prev_sample
         if callback is not None:
             callback(i + 1, total)

@@ -14,7 +14,8 @@ from .components import Components
 from .image_generation import GuidanceSettings
 from .sampling import RENORM_TYPES
 
-__all__ = ["OUTPUT_TYPES", "check_size", "check_guidance", "size_from_latents", "initial_noise", "decode_output"]
+__all__ = ["OUTPUT_TYPES", "check_size", "check_guidance", "size_from_latents", "initial_noise", "initial_noises",
+           "decode_output"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -61,6 +62,25 @@ def initial_noise(parts: Components, height: int, width: int, latents: torch.Ten
             raise ValueError(f"latents must have shape {shape} (z_channels, H/{down}, W/{down}), "
                              f"got {tuple(latents.shape)}")
     return patchify_latent(latents.float(), p)
+
+
+def initial_noises(parts: Components, count: int, height: int, width: int, latents: torch.Tensor | None,
+                   generator: torch.Generator | list[torch.Generator] | None) -> list[torch.Tensor]:
+    """The noise tokens of ``count`` images (docs/sampling.md#batched-requests): ``latents`` (count, z, H/8,
+    W/8), or (z, H/8, W/8) when ``count`` is 1; else image k's from ``generator[k]`` (a list), or drawn
+    from the one ``generator`` image after image, so image k's noise is the k-th of ``count`` single draws."""
+    if latents is not None:
+        latents = torch.as_tensor(latents)
+        if latents.dim() == 3 and count == 1:
+            latents = latents[None]
+        if latents.dim() != 4 or latents.shape[0] != count:
+            raise ValueError(f"latents must have shape ({count}, z_channels, H/8, W/8) for {count} image(s), "
+                             f"got {tuple(latents.shape)}")
+        return [initial_noise(parts, height, width, one, None) for one in latents]
+    generators = generator if isinstance(generator, (list, tuple)) else [generator] * count
+    if len(generators) != count:
+        raise ValueError(f"got {len(generators)} generators for {count} images")
+    return [initial_noise(parts, height, width, None, g) for g in generators]
 
 
 def decode_output(parts: Components, tokens: torch.Tensor, height: int, width: int, output_type: str, task: str,

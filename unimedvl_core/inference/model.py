@@ -40,8 +40,8 @@ Callback = Callable[[int, int], None]
 class EditArgs(TypedDict, total=False):
     """The arguments of ``edit_image`` that the named image-to-image tasks pass through."""
 
-    height: int | None
-    width: int | None
+    height: int | Sequence[int] | None
+    width: int | Sequence[int] | None
     num_inference_steps: int
     cfg_text_scale: float
     cfg_img_scale: float
@@ -49,13 +49,14 @@ class EditArgs(TypedDict, total=False):
     timestep_shift: float
     cfg_renorm_type: str
     cfg_renorm_min: float
-    generator: torch.Generator | None
-    latents: torch.Tensor | None
+    generator: torch.Generator | Sequence[torch.Generator] | None
+    latents: torch.Tensor | Sequence[torch.Tensor] | None
     vae_posterior: str
     analyze_first: bool
     output_type: str
     progress: bool | None
     callback: Callback | None
+    batch_size: int | None
 
 
 _GUIDANCE_FIELDS = {f.name for f in fields(GuidanceSettings)}
@@ -106,43 +107,93 @@ class UniMedVL(Components):
             prompt = report_prompt(modality)
         return self.answer(image, prompt, max_new_tokens=max_new_tokens, **decoding)
 
+    def answer_batch(self, images: Sequence[ImageInput | Sequence[ImageInput]], questions: Sequence[str],
+                     batch_size: int | None = None, max_new_tokens: int = DECODING.max_new_tokens,
+                     do_sample: bool = DECODING.do_sample, temperature: float = DECODING.temperature,
+                     top_p: float = DECODING.top_p, stop_token_ids: Sequence[int] | None = None,
+                     generator: torch.Generator | None = None) -> list[str]:
+        """Answer many (image, question) pairs, ``batch_size`` at a time (all at once by default), decoding
+        each batch's rows together. Greedy answers equal ``answer`` one by one; with sampling, the rows of a
+        batch draw from ``generator`` together."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        requests = [(list(i) if isinstance(i, (list, tuple)) else [i], q) for i, q in zip(images, questions)]
+        size = batch_size or len(requests) or 1
+        answers: list[str] = []
+        for start in range(0, len(requests), size):
+            outputs = UnderstandingPipeline(self).batch(requests[start:start + size], max_new_tokens, do_sample,
+                                                        temperature, top_p, stop_token_ids, generator)
+            answers += [out.text for out in outputs]
+        return answers
+
+    def generate_reports(self, images: Sequence[ImageInput], prompts: Sequence[str | None] | None = None,
+                         modalities: Sequence[str | None] | None = None, batch_size: int | None = None,
+                         max_new_tokens: int = DECODING.max_new_tokens, **decoding) -> list[str]:
+        """Draft a report for each image, decoding them together (``answer_batch``); each prompt names its
+        image's modality when known. ``decoding`` takes the other arguments of ``answer_batch``."""
+        loaded = [read_image(image) for image in images]
+        prompts = list(prompts) if prompts is not None else [None] * len(loaded)
+        modalities = list(modalities) if modalities is not None else [m.modality for m in loaded]
+        texts = [p or report_prompt(m) for p, m in zip(prompts, modalities)]
+        return self.answer_batch(loaded, texts, batch_size=batch_size, max_new_tokens=max_new_tokens, **decoding)
+
     # ----- generation -----
 
-    def generate_image(self, prompt: str, height: int | None = None, width: int | None = None,
+    def generate_image(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
                        num_inference_steps: int = T2I.num_inference_steps, cfg_text_scale: float = T2I.cfg_text_scale,
                        cfg_img_scale: float = T2I.cfg_img_scale, cfg_interval: tuple[float, float] = T2I.cfg_interval,
                        timestep_shift: float = T2I.timestep_shift, cfg_renorm_type: str = T2I.cfg_renorm_type,
-                       cfg_renorm_min: float = T2I.cfg_renorm_min, generator: torch.Generator | None = None,
+                       cfg_renorm_min: float = T2I.cfg_renorm_min,
+                       generator: torch.Generator | Sequence[torch.Generator] | None = None,
                        latents: torch.Tensor | None = None, output_type: str = "pil", progress: bool | None = None,
-                       callback: Callback | None = None):
+                       callback: Callback | None = None, num_images_per_prompt: int = 1,
+                       batch_size: int | None = None):
         """Text-to-image. The default 49 steps is the published 50-timestep schedule (docs/sampling.md).
 
         Args:
+            prompt: one prompt, or a list; several images are generated together (docs/sampling.md#batched-requests).
             height, width: output size, multiples of 16 up to ``max_latent_size * 16`` (1024 for the
                 released model; its default).
-            generator, latents: the initial noise is ``latents`` (shape (z_channels, H/8, W/8)) or drawn
-                from ``generator``.
+            generator, latents: the initial noise is ``latents`` (shape (z_channels, H/8, W/8), or (N, ...)
+                for N images) or drawn from ``generator``: a list gives image k the k-th generator; one
+                generator is drawn from image after image, so image k is the k-th of N single calls with it.
             output_type: ``"pil"`` (labelled synthetic), ``"np"`` (uint8 HxWx3), ``"pt"`` (uint8 3xHxW) or
                 ``"latent"`` (the final VAE latents, (z_channels, H/8, W/8)).
             callback: called as ``callback(step, total)`` after each step; raise inside it to cancel.
+            num_images_per_prompt: images of each prompt, consecutive in the output (prompt 0's first).
+            batch_size: the most images per forward (default: all of them).
+
+        Returns one image for one prompt string and one image per prompt, else a list of N images.
         """
         settings = GuidanceSettings(num_inference_steps, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
                                     timestep_shift, cfg_renorm_type, cfg_renorm_min)
-        return TextToImagePipeline(self)(prompt, height, width, settings, generator, latents, output_type, progress,
-                                         callback)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        images = TextToImagePipeline(self).batch(prompts, height, width, settings, generator, latents, output_type,
+                                                 progress, callback, batch_size)
+        return images[0] if isinstance(prompt, str) and num_images_per_prompt == 1 else images
 
-    def edit_image(self, image: ImageInput, instruction: str, height: int | None = None, width: int | None = None,
+    def edit_image(self, image: ImageInput | list[ImageInput], instruction: str | Sequence[str],
+                   height: int | Sequence[int] | None = None, width: int | Sequence[int] | None = None,
                    num_inference_steps: int = EDIT.num_inference_steps, cfg_text_scale: float = EDIT.cfg_text_scale,
                    cfg_img_scale: float = EDIT.cfg_img_scale, cfg_interval: tuple[float, float] = EDIT.cfg_interval,
                    timestep_shift: float = EDIT.timestep_shift, cfg_renorm_type: str = EDIT.cfg_renorm_type,
-                   cfg_renorm_min: float = EDIT.cfg_renorm_min, generator: torch.Generator | None = None,
-                   latents: torch.Tensor | None = None, vae_posterior: str = "mean", analyze_first: bool = False,
-                   output_type: str = "pil", progress: bool | None = None, callback: Callback | None = None,
-                   task: str = "image-to-image"):
+                   cfg_renorm_min: float = EDIT.cfg_renorm_min,
+                   generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                   latents: torch.Tensor | Sequence[torch.Tensor] | None = None, vae_posterior: str = "mean",
+                   analyze_first: bool = False, output_type: str = "pil", progress: bool | None = None,
+                   callback: Callback | None = None, task: str = "image-to-image", batch_size: int | None = None):
         """Image-to-image from an instruction. The output size defaults to the input resized by the
         generator's VAE rule. Defaults follow the released editing script.
 
         Args:
+            image, instruction: one input, or a list of images (a list of instructions, one per image, or one
+                for all); inputs of the same output size are edited together, at most ``batch_size`` per
+                forward, and a list of images gives a list of outputs (docs/sampling.md#batched-requests).
+            height, width, latents, generator: one for all inputs or one per input (``latents`` (N, z, H/8,
+                W/8) or a list); one generator is drawn from input after input, as N single calls would.
             vae_posterior: ``"mean"`` (deterministic, default) or ``"sample"`` (as the reference does) for
                 encoding the input image.
             analyze_first: first let the model describe an editing strategy and append it to the
@@ -151,46 +202,58 @@ class UniMedVL(Components):
         """
         settings = GuidanceSettings(num_inference_steps, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
                                     timestep_shift, cfg_renorm_type, cfg_renorm_min)
-        return EditingPipeline(self)(image, instruction, height, width, settings, generator, latents, vae_posterior,
-                                     analyze_first, output_type, progress, callback, task)
+        many = isinstance(image, (list, tuple))
+        if not many and latents is not None:
+            latents = [latents]
+        out = EditingPipeline(self).batch(list(image) if many else [image], instruction, height, width, settings,
+                                          generator, latents, vae_posterior, analyze_first, output_type, progress,
+                                          callback, task, batch_size=batch_size)
+        return out if many else out[0]
 
     # ----- named image-to-image tasks (``edit`` arguments pass through) -----
 
-    def super_resolve(self, image: ImageInput, scale: int = 4, instruction: str | None = None,
-                      **edit_args: Unpack[EditArgs]):
+    def super_resolve(self, image: ImageInput | list[ImageInput], scale: int = 4,
+                      instruction: str | Sequence[str] | None = None, **edit_args: Unpack[EditArgs]):
         """x2/x4 super-resolution: the input is upsampled (bicubic) to the target size, which must fit the
-        model, and the model restores detail at that size."""
+        model, and the model restores detail at that size. A list of images gives a list of outputs."""
         if scale not in (2, 4):
             raise ValueError(f"scale must be 2 or 4, got {scale}")
-        loaded = read_image(image)
-        pil = loaded.to_pil()
-        d = self.config.latent_downsample
-        target = [max(d, round(s * scale / d) * d) for s in pil.size]
-        if max(target) > self.config.max_image_side:
-            raise ValueError(f"a {pil.width}x{pil.height} input upscaled {scale}x exceeds the largest output side "
-                             f"({self.config.max_image_side}); crop or downsample it first")
-        upsampled = pil.resize(tuple(target), Image.Resampling.BICUBIC)
-        edit_args.setdefault("height", target[1])
-        edit_args.setdefault("width", target[0])
-        instruction = instruction or super_resolution_instruction(scale, loaded.modality)
-        return self.edit_image(upsampled, instruction, task="super-resolution", **edit_args)
 
-    def virtual_stain(self, image: ImageInput, stain: str = "IHC", instruction: str | None = None,
-                      **edit_args: Unpack[EditArgs]):
-        """Virtual staining of an H&E pathology image (to IHC by default)."""
+        def upsample(one: ImageInput) -> tuple[Image.Image, str | None]:
+            loaded = read_image(one)
+            pil = loaded.to_pil()
+            d = self.config.latent_downsample
+            target = [max(d, round(s * scale / d) * d) for s in pil.size]
+            if max(target) > self.config.max_image_side:
+                raise ValueError(f"a {pil.width}x{pil.height} input upscaled {scale}x exceeds the largest output "
+                                 f"side ({self.config.max_image_side}); crop or downsample it first")
+            return pil.resize(tuple(target), Image.Resampling.BICUBIC), loaded.modality
+
+        many = isinstance(image, (list, tuple))
+        inputs = [upsample(one) for one in (image if many else [image])]
+        edit_args.setdefault("height", [up.height for up, _ in inputs])
+        edit_args.setdefault("width", [up.width for up, _ in inputs])
+        if instruction is None:
+            instruction = [super_resolution_instruction(scale, modality) for _, modality in inputs]
+        out = self.edit_image([up for up, _ in inputs], instruction, task="super-resolution", **edit_args)
+        return out if many else out[0]
+
+    def virtual_stain(self, image: ImageInput | list[ImageInput], stain: str = "IHC",
+                      instruction: str | Sequence[str] | None = None, **edit_args: Unpack[EditArgs]):
+        """Virtual staining of an H&E pathology image (to IHC by default); a list of images gives a list."""
         return self.edit_image(image, instruction or staining_instruction(stain), task="virtual-staining", **edit_args)
 
-    def translate_contrast(self, image: ImageInput, source: str = "T2", target: str = "FLAIR",
-                           instruction: str | None = None,
-                      **edit_args: Unpack[EditArgs]):
-        """MRI contrast translation, e.g. T2 -> FLAIR or FLAIR -> T2."""
+    def translate_contrast(self, image: ImageInput | list[ImageInput], source: str = "T2", target: str = "FLAIR",
+                           instruction: str | Sequence[str] | None = None, **edit_args: Unpack[EditArgs]):
+        """MRI contrast translation, e.g. T2 -> FLAIR or FLAIR -> T2; a list of images gives a list."""
         return self.edit_image(image, instruction or translation_instruction(source, target),
                                task="contrast-translation", **edit_args)
 
-    def counterfactual_edit(self, image: ImageInput, instruction: str,
+    def counterfactual_edit(self, image: ImageInput | list[ImageInput], instruction: str | Sequence[str],
                             max_explanation_tokens: int = EXPLANATION_TOKENS,
-                            **edit_args: Unpack[EditArgs]) -> CounterfactualResult:
-        """A counterfactual edit (e.g. "remove the pleural effusion") and the model's explanation text."""
+                            **edit_args: Unpack[EditArgs]) -> CounterfactualResult | list[CounterfactualResult]:
+        """A counterfactual edit (e.g. "remove the pleural effusion") and the model's explanation text; a list
+        of images gives a list of results."""
         unknown = set(edit_args) - set(EditArgs.__annotations__)
         if unknown:
             raise TypeError(f"counterfactual_edit got unexpected arguments {sorted(unknown)}")
@@ -198,6 +261,11 @@ class UniMedVL(Components):
         if "cfg_interval" in guidance:
             guidance["cfg_interval"] = tuple(guidance["cfg_interval"])
         rest = {k: v for k, v in edit_args.items() if k not in _GUIDANCE_FIELDS}
-        image_out, text = EditingPipeline(self)(image, instruction, settings=replace(EDIT, **guidance),
-                                                task="counterfactual", explain_tokens=max_explanation_tokens, **rest)
-        return CounterfactualResult(image_out, text)
+        many = isinstance(image, (list, tuple))
+        if not many and rest.get("latents") is not None:
+            rest["latents"] = [rest["latents"]]
+        out = EditingPipeline(self).batch(list(image) if many else [image], instruction,
+                                          settings=replace(EDIT, **guidance), task="counterfactual",
+                                          explain_tokens=max_explanation_tokens, **rest)
+        results = [CounterfactualResult(image_out, text) for image_out, text in out]
+        return results if many else results[0]

@@ -7,8 +7,12 @@ evaluations: the reference's ``num_timesteps=N`` is ``num_inference_steps=N-1``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+
+if TYPE_CHECKING:  # diffusers is imported when a schedule is made, not with this module
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
 __all__ = ["make_scheduler", "guidance_scales", "branches_needed", "combine_guidance", "RENORM_TYPES"]
 
@@ -22,6 +26,8 @@ def make_scheduler(num_inference_steps: int, timestep_shift: float) -> FlowMatch
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     if timestep_shift <= 0:
         raise ValueError(f"timestep_shift must be > 0, got {timestep_shift}")
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+
     scheduler = FlowMatchEulerDiscreteScheduler(shift=float(timestep_shift))
     sigmas = torch.linspace(1, 0, num_inference_steps + 1, dtype=torch.float32)[:-1]
     scheduler.set_timesteps(sigmas=sigmas.numpy())

@@ -11,9 +11,10 @@ import torch
 from ..modeling.qwen2_mot import ExpertRouting
 from ..modeling.tokenizer import IM_END, IM_START
 from .context import Context
+from .decoding import DecodeStep, choose_tokens, decode_rows
 
 __all__ = ["TextOutput", "DecodingSettings", "DECODING", "EXPLANATION_TOKENS", "ANALYSIS_TOKENS", "decode_text",
-           "select_token"]
+           "check_decoding", "start_decoding", "final_text"]
 
 
 @dataclass(frozen=True)
@@ -42,19 +43,50 @@ class TextOutput:
     extras: dict = field(default_factory=dict)
 
 
-def select_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
-                 generator: torch.Generator | None) -> int:
-    if not do_sample:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= top_p
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    gen_device = generator.device if generator is not None else probs.device
-    return int(torch.multinomial(probs.to(gen_device), 1, generator=generator))
+def check_decoding(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def start_decoding(context: Context, prompt_ids: list[int] | None) -> tuple[torch.Tensor, int]:
+    """Run the prompt's last text block (if any) and the ``<|im_start|>`` that decoding starts from; returns
+    the logits of the first token and its rope position."""
+    special, model = context.special, context.model
+    if prompt_ids is not None:
+        hidden = context.add_text(prompt_ids, extra_ids=[special.im_start])
+    else:
+        start = model.embed_tokens(torch.tensor([special.im_start], device=context.device))
+        hidden = context.run(start, torch.tensor([context.rope], device=context.device),
+                             ExpertRouting.understanding(), causal=True)[-1]
+        context.layout.tokens(1)
+    return model.text_logits(hidden).float(), context.rope
+
+
+class _Streamer:
+    """Hands the decoded text out piece by piece, never half a multi-byte character."""
+
+    def __init__(self, tokenizer, callback: Callable[[str], None]):
+        self.tokenizer, self.callback = tokenizer, callback
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def __call__(self, tokens: torch.Tensor, stops: set[int]) -> None:
+        token = int(tokens[0])
+        if token in stops or (self.ids and self.ids[-1] in stops):
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.callback(text[len(self.emitted):])
+            self.emitted = text
+
+    def finish(self, text: str) -> None:
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
+            self.callback(text[len(self.emitted):])
 
 
 def decode_text(context: Context, prompt_ids: list[int] | None, tokenizer, max_new_tokens: int,
@@ -63,54 +95,24 @@ def decode_text(context: Context, prompt_ids: list[int] | None, tokenizer, max_n
                 generator: torch.Generator | None = None, output_logits: bool = False) -> TextOutput:
     """Decode from ``<|im_start|>``. If ``prompt_ids`` is given, that text block and the start token run in
     one forward. The context must have room for the prompt block, 1 start token and max_new_tokens."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    special = context.special
-    stops = set(stop_token_ids) if stop_token_ids is not None else {special.im_end}
-    model = context.model
-    if prompt_ids is not None:
-        hidden = context.add_text(prompt_ids, extra_ids=[special.im_start])
-        position = context.rope
-    else:
-        start = model.embed_tokens(torch.tensor([special.im_start], device=context.device))
-        hidden = context.run(start, torch.tensor([context.rope], device=context.device),
-                             ExpertRouting.understanding(), causal=True)[-1]
-        position = context.rope + 1
-    ids: list[int] = []
-    rows = []
-    emitted = ""
-    stopped_by = "length"
-    for step in range(max_new_tokens):
-        logits = model.text_logits(hidden).float()
-        if output_logits:
-            rows.append(logits.detach().cpu())
-        token = select_token(logits, do_sample, temperature, top_p, generator)
-        if token in stops:
-            stopped_by = "stop_token"
-            break
-        ids.append(token)
-        if streamer is not None:
-            text = tokenizer.decode(ids)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                streamer(text[len(emitted):])
-                emitted = text
-        if step + 1 == max_new_tokens:
-            break
-        embeds = model.embed_tokens(torch.tensor([token], device=context.device))
-        hidden = context.run(embeds, torch.tensor([position], device=context.device),
-                             ExpertRouting.understanding(), causal=True)[-1]
-        position += 1
-    text = _final_text(tokenizer, special.im_start, ids)
-    if streamer is not None and text.startswith(emitted) and len(text) > len(emitted):
-        streamer(text[len(emitted):])
-    return TextOutput(text=text, token_ids=ids, logits=torch.stack(rows) if rows else None, stopped_by=stopped_by)
+    check_decoding(max_new_tokens, do_sample, temperature, top_p)
+    stops = list(stop_token_ids) if stop_token_ids is not None else [context.special.im_end]
+    first_logits, position = start_decoding(context, prompt_ids)
+    lengths = torch.tensor([context.length], device=context.device)
+    step = DecodeStep(context.model, context.cache, lengths)
+    stream = _Streamer(tokenizer, streamer) if streamer is not None else None
+    result = decode_rows(step, first_logits[None], torch.tensor([position], device=context.device), max_new_tokens,
+                         stops, lambda logits: choose_tokens(logits, do_sample, temperature, top_p, generator),
+                         (lambda tokens: stream(tokens, set(stops))) if stream else None, output_logits)
+    ids = result.token_ids[0]
+    text = final_text(tokenizer, context.special.im_start, ids)
+    if stream is not None:
+        stream.finish(text)
+    return TextOutput(text=text, token_ids=ids, logits=result.logits[0] if output_logits else None,
+                      stopped_by="stop_token" if result.stopped[0] else "length")
 
 
-def _final_text(tokenizer, im_start: int, ids: list[int]) -> str:
+def final_text(tokenizer, im_start: int, ids: list[int]) -> str:
     """The reference decodes <|im_start|> + ids, cuts at the first <|im_end|>, keeps what follows the first
     <|im_start|> and before any later one."""
     text = tokenizer.decode([im_start, *ids])

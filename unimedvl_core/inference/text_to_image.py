@@ -13,8 +13,15 @@ import torch
 from ..modeling.layout import text_block_len
 from .components import Components
 from .context import Context
-from .image_generation import TEXT_TO_IMAGE_GUIDANCE, Branch, GuidanceSettings, denoise
-from .latents import check_guidance, check_size, decode_output, initial_noise, size_from_latents
+from .image_generation import (
+    TEXT_TO_IMAGE_GUIDANCE,
+    Branch,
+    GuidanceSettings,
+    batch_groups,
+    denoise_batch,
+    group_callback,
+)
+from .latents import check_guidance, check_size, decode_output, initial_noises, size_from_latents
 
 __all__ = ["TextToImagePipeline"]
 
@@ -47,10 +54,31 @@ class TextToImagePipeline:
                  settings: GuidanceSettings = TEXT_TO_IMAGE_GUIDANCE, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", progress: bool | None = None,
                  callback: Callable[[int, int], None] | None = None):
-        height, width = self.check_inputs(prompt, height, width, latents, settings, output_type)
-        noise = initial_noise(self.parts, height, width, latents, generator)
-        cond, branches = self.build_branches(prompt, settings)
+        return self.batch([prompt], height, width, settings, generator,
+                          None if latents is None else torch.as_tensor(latents)[None], output_type, progress,
+                          callback)[0]
+
+    @torch.inference_mode()
+    def batch(self, prompts: list[str], height: int | None = None, width: int | None = None,
+              settings: GuidanceSettings = TEXT_TO_IMAGE_GUIDANCE,
+              generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+              output_type: str = "pil", progress: bool | None = None,
+              callback: Callable[[int, int], None] | None = None, batch_size: int | None = None) -> list:
+        """One image per prompt, ``batch_size`` images (default: all) per forward; image k equals a single
+        run of prompt k with image k's noise (``initial_noises``, docs/sampling.md#batched-requests)."""
+        if not prompts:
+            raise ValueError("no prompts")
+        for prompt in prompts:
+            height, width = self.check_inputs(prompt, height, width, latents, settings, output_type)
+        noises = initial_noises(self.parts, len(prompts), height, width, latents, generator)
         d = self.parts.config.latent_downsample
-        tokens = denoise(cond, branches, height // d, width // d, noise, settings, self.parts.show_progress(progress),
-                         callback)
-        return decode_output(self.parts, tokens, height, width, output_type, "text-to-image", prompt)
+        groups = batch_groups([None] * len(prompts), batch_size)
+        out = [None] * len(prompts)
+        for g, group in enumerate(groups):
+            branches = [self.build_branches(prompts[k], settings)[1] for k in group]
+            tokens = denoise_batch(branches, height // d, width // d, torch.stack([noises[k] for k in group]),
+                                   settings, self.parts.show_progress(progress),
+                                   group_callback(callback, g, len(groups), settings.num_inference_steps))
+            for k, t in zip(group, tokens):
+                out[k] = decode_output(self.parts, t, height, width, output_type, "text-to-image", prompts[k])
+        return out

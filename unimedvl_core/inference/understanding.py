@@ -10,11 +10,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..io.medical_io import read_image
+from ..modeling.kv_cache import KVCache
 from ..modeling.layout import TokenLayout
 from ..modeling.preprocessing import ResizeRule, resize_to_rule, to_model_tensor
 from .components import Components
 from .context import Context
-from .text_generation import DECODING, TextOutput, decode_text
+from .decoding import DecodeStep, choose_tokens, decode_rows
+from .text_generation import DECODING, TextOutput, check_decoding, decode_text, final_text, start_decoding
 
 __all__ = ["UnderstandingPipeline", "vit_input", "vit_token_count"]
 
@@ -66,3 +68,33 @@ class UnderstandingPipeline:
         context = self.build_context(tensors, ids, max_new_tokens)
         return decode_text(context, ids, self.parts.tokenizer, max_new_tokens, do_sample, temperature, top_p,
                            stop_token_ids, streamer, generator, output_logits)
+
+    def prefill(self, images: Sequence, question: str) -> tuple[Context, torch.Tensor, int]:
+        """One request's prompt in its own cache, up to the logits of the first answer token."""
+        self.check_inputs(question, 1)
+        tensors = self.prepare_images(images)
+        ids = self.parts.encode_text(question)
+        context = self.build_context(tensors, ids, 0)
+        logits, position = start_decoding(context, ids)
+        return context, logits, position
+
+    @torch.inference_mode()
+    def batch(self, requests: Sequence[tuple[Sequence, str]], max_new_tokens: int = DECODING.max_new_tokens,
+              do_sample: bool = DECODING.do_sample, temperature: float = DECODING.temperature,
+              top_p: float = DECODING.top_p, stop_token_ids: Sequence[int] | None = None,
+              generator: torch.Generator | None = None) -> list[TextOutput]:
+        """Several (images, question) requests: each prompt is prefilled on its own, then all rows decode
+        together, one forward per token for the whole batch. Greedy answers equal one-by-one answers."""
+        check_decoding(max_new_tokens, do_sample, temperature, top_p)
+        prefilled = [self.prefill(images, question) for images, question in requests]
+        cache = KVCache.stack([(ctx.cache, 0, ctx.length) for ctx, _, _ in prefilled], extra_capacity=max_new_tokens)
+        device = cache.device
+        lengths = torch.tensor([ctx.length for ctx, _, _ in prefilled], device=device)
+        positions = torch.tensor([pos for _, _, pos in prefilled], device=device)
+        first = torch.stack([logits.to(device) for _, logits, _ in prefilled])
+        stops = list(stop_token_ids) if stop_token_ids is not None else [self.parts.special.im_end]
+        result = decode_rows(DecodeStep(self.parts.model, cache, lengths), first, positions, max_new_tokens, stops,
+                             lambda logits: choose_tokens(logits, do_sample, temperature, top_p, generator))
+        return [TextOutput(text=final_text(self.parts.tokenizer, self.parts.special.im_start, ids), token_ids=ids,
+                           stopped_by="stop_token" if stopped else "length")
+                for ids, stopped in zip(result.token_ids, result.stopped)]

@@ -13,11 +13,9 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
-from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -25,6 +23,11 @@ from tqdm.auto import tqdm
 from ..modeling.config import UniMedVLConfig
 from ..modeling.unimedvl import UniMedVLModel
 from ..modeling.vae import build_vae, diffusers_to_flux, diffusers_to_flux_key, flux_to_diffusers, strip_module_prefixes
+
+# accelerate and diffusers are imported by the functions that use them, not with this module, so that
+# importing the package stays fast.
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 __all__ = ["CheckpointError", "WEIGHT_FILES", "VAE_FILE", "TOKENIZER_FILES", "load_model_weights", "load_vae",
            "build_empty_model", "save_checkpoint", "atomic_save_safetensors", "NO_SPLIT_MODULES"]
@@ -66,6 +69,8 @@ def check_keys(expected: dict[str, tuple], found: dict[str, tuple], source: str)
 
 def build_empty_model(config: UniMedVLConfig) -> UniMedVLModel:
     """The model with parameters on the meta device (buffers such as rotary frequencies are real)."""
+    from accelerate import init_empty_weights
+
     with init_empty_weights(include_buffers=False):
         return UniMedVLModel(config)
 
@@ -90,6 +95,9 @@ def load_model_weights(model: UniMedVLModel, path: Path, dtype: torch.dtype, dev
 
     Returns the VAE tensors embedded in the file under ``vae_model.`` (usually none).
     """
+    from accelerate import dispatch_model
+    from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
+
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     read_device = str(device) if device_map is None and device.type == "cuda" else "cpu"
     with _open(path, read_device) as handle:
@@ -151,6 +159,8 @@ def normalize_device_map(model: torch.nn.Module, device_map: dict[str, str | int
 
 
 def infer_device_map(model: UniMedVLModel, dtype: torch.dtype, max_memory: dict | None) -> dict[str, str | int]:
+    from accelerate import infer_auto_device_map
+
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT_MODULES, dtype=dtype)
 
 
@@ -158,6 +168,8 @@ def load_vae(config: UniMedVLConfig, path: Path, dtype: torch.dtype, device: tor
              override: dict[str, torch.Tensor] | None = None) -> AutoencoderKL:
     """The FLUX VAE from ``ae.safetensors`` (or from tensors embedded in the weights file) as diffusers'
     ``AutoencoderKL``, strictly: every FLUX key used, every diffusers key filled."""
+    from accelerate import init_empty_weights
+
     with init_empty_weights():
         vae = build_vae(config.vae)
     expected_flux = {diffusers_to_flux_key(k, len(config.vae.ch_mult)): k for k in vae.state_dict()}

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .dicom_output import derived_image, write_dicom
 from .medical_io import MedicalImage
 from .synthetic import SYNTHETIC_NOTICE, save_png
 
@@ -49,6 +48,8 @@ def write_image_outputs(image: Image.Image, source: MedicalImage | None, out: Pa
     image.info.setdefault("Comment", SYNTHETIC_NOTICE)
     written = [save_png(image, out.parent / f"{out.name}.png")]  # names may contain dots (UIDs)
     if source is not None and source.dataset is not None:
+        from .dicom_output import derived_image, write_dicom  # highdicom loads only when DICOM is written
+
         ds = derived_image(np.asarray(image.convert("RGB")), source, task, description, series_uid,
                                        series_number=OUTPUT_SERIES_NUMBER, instance_number=instance)
         written.append(write_dicom(ds, out.parent / f"{out.name}.dcm"))

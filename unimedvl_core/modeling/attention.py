@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from .kv_cache import KVCache
 
-__all__ = ["sdpa", "DenseAttention", "CachedAttention", "packed_attention_mask", "SPLIT_CAUSAL", "SPLIT_FULL",
-           "SPLIT_NOISE", "flash_attn_available"]
+__all__ = ["sdpa", "DenseAttention", "CachedAttention", "DecodeAttention", "packed_attention_mask", "SPLIT_CAUSAL",
+           "SPLIT_FULL", "SPLIT_NOISE", "flash_attn_available"]
 
 SPLIT_CAUSAL = "causal"
 SPLIT_FULL = "full"
@@ -41,7 +41,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     (True = may attend)."""
     if mask is not None and mask.device != q.device:
         mask = mask.to(q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    grouped = q.shape[1] != k.shape[1]
+    if grouped and mask is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # On CUDA, grouped heads with a mask fall back to the unfused math kernel (the (B, H, Lq, Lk) scores in
+        # fp32: minutes and tens of GB for a 1024x1024 image); with the key/value heads repeated, the
+        # memory-efficient kernel runs. fp32 and the CPU keep the path the parity checks were measured on.
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        mask = mask.to(q.dtype) if mask.is_floating_point() else mask
+        grouped = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,6 +92,38 @@ class CachedAttention:
             return out.transpose(1, 2)
         keys, values = self.cache.write(layer_idx, k, v, self.rows)
         return sdpa(q, keys, values, self.mask)
+
+
+class DecodeAttention:
+    """One decoding step of every row at fixed shapes: row b's new key/value is written at slot
+    ``lengths[b]`` (a device tensor, so the step holds no Python state and can be replayed as a CUDA graph)
+    and its query sees slots ``0..lengths[b]`` of the whole preallocated cache.
+
+    The query heads of one key/value group ride as that group's query rows, so grouped heads need neither a
+    copy of the cache per query head nor the unfused kernel (docs/deviations.md#kv-cache).
+    """
+
+    def __init__(self, cache: KVCache, lengths: torch.Tensor):
+        self.cache = cache
+        self.lengths = lengths
+        self.mask = None
+
+    def prepare(self) -> None:
+        """The (rows, 1, 1, capacity) visibility mask of this step, from the current ``lengths``."""
+        slots = torch.arange(self.cache.capacity, device=self.lengths.device)
+        visible = (slots[None, :] <= self.lengths[:, None])[:, None, None, :]
+        self.mask = additive_mask(visible, self.cache.dtype)  # faster than a boolean mask on the CPU
+
+    def __call__(self, layer_idx: int, q, k, v):
+        kbuf, vbuf = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        rows, kv_heads, _, head_dim = k.shape
+        index = self.lengths.view(rows, 1, 1, 1).expand(rows, kv_heads, 1, head_dim)
+        kbuf[:rows].scatter_(2, index, k)
+        vbuf[:rows].scatter_(2, index, v)
+        groups = q.shape[1] // kv_heads
+        grouped_q = q.reshape(rows, kv_heads, groups, head_dim)  # query head h belongs to group h // groups
+        out = F.scaled_dot_product_attention(grouped_q, kbuf[:rows], vbuf[:rows], attn_mask=self.mask)
+        return out.reshape(rows, kv_heads * groups, 1, head_dim)
 
 
 def packed_attention_mask(split_lens: Sequence[int], split_modes: Sequence[str], device=None) -> torch.Tensor:

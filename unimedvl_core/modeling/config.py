@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-from transformers import Qwen2Config, SiglipVisionConfig
+from typing import TYPE_CHECKING, Any
 
 from .preprocessing import TransformSet
+
+if TYPE_CHECKING:  # transformers is imported when a library config is built, not with this module
+    from transformers import Qwen2Config, SiglipVisionConfig
 
 __all__ = ["VAEConfig", "UniMedVLConfig", "ConfigError", "LLM_CONFIG_FILE", "VIT_CONFIG_FILE", "MODEL_CONFIG_FILE"]
 
@@ -166,11 +167,15 @@ class UniMedVLConfig:
 
     # ----- library configs with the loader overrides of docs/checkpoint.md#loader-overrides -----
     def qwen2_config(self) -> Qwen2Config:
+        from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+
         cfg = Qwen2Config(**{k: v for k, v in self.llm.items() if k not in ("architectures",)})
         cfg.tie_word_embeddings = False
         return cfg
 
     def siglip_config(self) -> SiglipVisionConfig:
+        from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
+
         cfg = SiglipVisionConfig(**self.vit)
         cfg.num_hidden_layers = int(self.vit["num_hidden_layers"]) - 1
         cfg.vision_use_head = False

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
-from transformers.activations import ACT2FN
+
+# diffusers' timestep features and transformers' activations are imported where they are used, not with
+# this module: importing either library takes seconds.
 
 __all__ = ["PositionEmbedding", "TimestepEmbedder", "MLPConnector", "sincos_2d_table", "grid_position_ids"]
 
@@ -66,6 +67,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.embeddings import get_timestep_embedding
+
         freq = get_timestep_embedding(t.reshape(-1).float(), self.frequency_size, flip_sin_to_cos=True,
                                       downscale_freq_shift=0)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
@@ -75,6 +78,8 @@ class MLPConnector(nn.Module):
     """ViT features -> LLM width: fc2(act(fc1(x)))."""
 
     def __init__(self, in_dim: int, out_dim: int, act: str):
+        from transformers.activations import ACT2FN
+
         super().__init__()
         self.fc1 = nn.Linear(in_dim, out_dim)
         self.activation = ACT2FN[act]

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import Qwen2Config
-from transformers.models.qwen2.modeling_qwen2 import (
-    Qwen2MLP,
-    Qwen2RMSNorm,
-    Qwen2RotaryEmbedding,
-    apply_rotary_pos_emb,
-)
+
+# transformers' Qwen2 modules are imported where they are used (building the layers, applying the rotary
+# embedding), not with this module: importing transformers' modeling code takes seconds.
+if TYPE_CHECKING:
+    from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 
 __all__ = ["ExpertRouting", "MoTAttention", "MoTDecoderLayer", "Qwen2MoTModel", "Qwen2MoTForCausalLM"]
 
@@ -63,7 +62,10 @@ class ExpertRouting:
 
 class MoTAttention(nn.Module):
     def __init__(self, config: Qwen2Config, layer_idx: int):
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+
         super().__init__()
+        self.rotate = apply_rotary_pos_emb  # bound here: no import statement on the per-token path
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -91,7 +93,7 @@ class MoTAttention(nn.Module):
         q = routing.apply(heads(self.num_heads)(q), self.q_norm, self.q_norm_moe_gen)
         k = routing.apply(heads(self.num_kv_heads)(k), self.k_norm, self.k_norm_moe_gen)
         v = heads(self.num_kv_heads)(v)
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=1)
+        q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=1)
         out = attend(self.layer_idx, q, k, v.transpose(1, 2).to(q.dtype))
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return routing.apply(out, self.o_proj, self.o_proj_moe_gen)
@@ -99,6 +101,8 @@ class MoTAttention(nn.Module):
 
 class MoTDecoderLayer(nn.Module):
     def __init__(self, config: Qwen2Config, layer_idx: int):
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
+
         super().__init__()
         self.self_attn = MoTAttention(config, layer_idx)
         self.mlp = Qwen2MLP(config)
@@ -119,6 +123,8 @@ class MoTDecoderLayer(nn.Module):
 
 class Qwen2MoTModel(nn.Module):
     def __init__(self, config: Qwen2Config):
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, Qwen2RotaryEmbedding
+
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)

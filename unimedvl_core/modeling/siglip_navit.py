@@ -8,12 +8,15 @@ at r * 70 + c for any image size, which transformers' ``SiglipVisionEmbeddings``
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import SiglipVisionConfig
-from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from .embeddings import grid_position_ids
+
+if TYPE_CHECKING:  # transformers is imported when the encoder is built, not with this module
+    from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
 
 __all__ = ["NaViTEmbeddings", "SiglipNaViTTransformer", "SiglipNaViTModel", "patchify_image"]
 
@@ -44,6 +47,8 @@ class SiglipNaViTTransformer(nn.Module):
     """The ``vision_model`` level of the checkpoint keys."""
 
     def __init__(self, config: SiglipVisionConfig):
+        from transformers.models.siglip.modeling_siglip import SiglipEncoder
+
         super().__init__()
         self.config = config
         self.embeddings = NaViTEmbeddings(config)

@@ -10,8 +10,10 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:  # transformers is imported when a tokenizer is loaded or trained, not with this module
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["IM_START", "IM_END", "VISION_START", "VISION_END", "END_OF_TEXT", "QWEN2_SPECIAL_TOKENS", "SpecialTokenIds",
            "load_tokenizer", "train_tokenizer", "TokenizerError"]
@@ -70,6 +72,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         raise TokenizerError(f"no tokenizer files (tokenizer.json or vocab.json + merges.txt) in {path}")
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # transformers raises several types for broken files

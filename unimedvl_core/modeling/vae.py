@@ -9,18 +9,22 @@ Loading uses diffusers' own converter; saving needs the inverse, which diffusers
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from .config import VAEConfig
+
+if TYPE_CHECKING:  # diffusers is imported when a VAE is built or converted, not with this module
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 __all__ = ["build_vae", "vae_encode", "vae_decode", "patchify_latent", "unpatchify_latent", "flux_to_diffusers",
            "diffusers_to_flux", "diffusers_to_flux_key", "strip_module_prefixes"]
 
 
 def build_vae(config: VAEConfig) -> AutoencoderKL:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
     return AutoencoderKL(**config.to_diffusers())
 
 
@@ -67,6 +71,8 @@ def strip_module_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def flux_to_diffusers(state: dict[str, torch.Tensor], config: VAEConfig) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
     return convert_ldm_vae_checkpoint(state, config.to_diffusers())
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 from ..inference.image_generation import EDITING_GUIDANCE, TEXT_TO_IMAGE_GUIDANCE, GuidanceSettings
+from ..inference.prompts import report_prompt
 from ..inference.sampling import RENORM_TYPES
 from ..inference.text_generation import DECODING, EXPLANATION_TOKENS
+from ..io.medical_io import read_image
 from .params import Param
-from .registry import RunOptions, Task, TaskRegistry, TaskResult
+from .registry import Batching, RunOptions, Task, TaskRegistry, TaskResult
 
 __all__ = ["TASKS", "MAX_STEPS", "MAX_NEW_TOKENS", "MAX_TEXT_CHARS", "task_generator"]
 
@@ -140,6 +142,39 @@ def run_counterfactual(model, image, p: dict, options: RunOptions) -> TaskResult
     return TaskResult("counterfactual", text=out.explanation, image=out.image)
 
 
+def run_text_to_image_batch(model, images, params: list[dict], options: RunOptions) -> list[TaskResult]:
+    """Requests differing only in prompt and seed: one image each, each from its own seed's generator."""
+    first = params[0]
+    kwargs = _generation(first, options)
+    kwargs["generator"] = [task_generator(p["seed"]) for p in params]
+    out = model.generate_image([p["prompt"] for p in params], height=first["height"], width=first["width"], **kwargs)
+    return [TaskResult("text_to_image", image=image) for image in out]
+
+
+def _answer_batch(model, images, questions: list[str], p: dict) -> list[str]:
+    return model.answer_batch(images, questions, max_new_tokens=p["max_new_tokens"], do_sample=p["do_sample"],
+                              temperature=p["temperature"], top_p=p["top_p"])
+
+
+def run_vqa_batch(model, images, params: list[dict], options: RunOptions) -> list[TaskResult]:
+    texts = _answer_batch(model, images, [p["question"] for p in params], params[0])
+    return [TaskResult("vqa", text=text) for text in texts]
+
+
+def run_report_batch(model, images, params: list[dict], options: RunOptions) -> list[TaskResult]:
+    prompts = [p["prompt"] or report_prompt(read_image(image).modality) for p, image in zip(params, images)]
+    return [TaskResult("report", text=text) for text in _answer_batch(model, images, prompts, params[0])]
+
+
+def _greedy_with_batch_api(model, params: dict) -> bool:
+    """Answers batch only greedily (a sampled batch would draw differently from single requests)."""
+    return hasattr(model, "answer_batch") and not params.get("do_sample")
+
+
+TEXT_TO_IMAGE_BATCHING = Batching(("prompt", "seed"), run_text_to_image_batch)
+VQA_BATCHING = Batching(("question", "seed"), run_vqa_batch, _greedy_with_batch_api)
+REPORT_BATCHING = Batching(("prompt", "seed"), run_report_batch, _greedy_with_batch_api)
+
 _OVERRIDE = "override the task's instruction"
 
 
@@ -147,13 +182,16 @@ def _builtin_tasks() -> list[Task]:
     return [
         Task("vqa", "answer a question about an image", "image", "text",
              (_text("question", "the question", plural="questions"), *_decoding_params()), run_vqa,
+             batching=VQA_BATCHING,
              examples=('unimedvl vqa --image chest.dcm --question "Is there a pleural effusion?"',)),
         Task("report", "draft a report for an image", "image", "text",
              (_text("prompt", "override the report prompt", required=False), *_decoding_params()), run_report,
+             batching=REPORT_BATCHING,
              examples=("unimedvl report --image ct_series/ --window lung",)),
         Task("text_to_image", "generate an image from a description", "text", "image",
              (_text("prompt", "what to generate", plural="prompts"), *_size_params(),
               *_guidance_params(TEXT_TO_IMAGE_GUIDANCE)), run_text_to_image, aliases=("generate",),
+             batching=TEXT_TO_IMAGE_BATCHING,
              examples=('unimedvl text_to_image --prompt "CT image with two lesions." --out ct.png',)),
         Task("edit", "image-to-image from an instruction", "image", "image",
              (_text("instruction", "what to change"), *_size_params(), *_editing_params()), run_edit,

@@ -14,7 +14,8 @@ from typing import Any
 
 from .params import Param, TaskParameterError
 
-__all__ = ["Task", "TaskRegistry", "TaskResult", "RunOptions", "ModelLimits", "UnknownTaskError", "canonical_name"]
+__all__ = ["Task", "TaskRegistry", "TaskResult", "RunOptions", "ModelLimits", "UnknownTaskError", "canonical_name",
+           "Batching"]
 
 
 class UnknownTaskError(ValueError):
@@ -71,6 +72,18 @@ class TaskResult:
 
 
 RunFunction = Callable[[Any, Any, dict, RunOptions], TaskResult]
+BatchFunction = Callable[[Any, list, list[dict], RunOptions], list[TaskResult]]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How requests of a task run together: ``per_request`` names the parameters each request keeps for
+    itself (every other parameter must be equal), ``run_fn(model, images, params_list, options)`` runs them in
+    one batched call, and ``available(model, params)`` says whether this request may join a batch."""
+
+    per_request: tuple[str, ...]
+    run_fn: BatchFunction
+    available: Callable[[Any, dict], bool] = lambda model, params: True
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,7 @@ class Task:
     run_fn: RunFunction
     aliases: tuple[str, ...] = ()
     examples: tuple[str, ...] = ()
+    batching: Batching | None = None
 
     def __post_init__(self):
         if self.takes not in ("image", "text") or self.returns not in ("text", "image"):

@@ -54,7 +54,9 @@ async def _lifespan(app: FastAPI):
     if state.model is None:
         state.model = state.loader()
     state.model.progress = False
-    state.worker = ModelWorker(max_queue=state.settings.max_queue)
+    settings = state.settings
+    state.worker = ModelWorker(max_queue=settings.max_queue, batch_window=settings.batch_window,
+                               max_batch=settings.max_batch)
     yield
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 
+from ...tasks.batching import batch_key, run_batch
 from ...tasks.registry import ModelLimits, RunOptions, Task, TaskRegistry, TaskResult, UnknownTaskError
 from .media import http_error
 from .settings import Settings
@@ -79,12 +80,26 @@ class Runner:
 
         return fn
 
+    def batch(self, task: Task, image: Any, params: dict) -> dict:
+        """``batch_key``/``batch_fn`` for the worker when this request may run with others of its task
+        (``unimedvl_core.tasks.batching``); empty otherwise."""
+        key = batch_key(self.model, task, params)
+        if key is None:
+            return {}
+        item = (image, task.resolve(params, self.limits))
+
+        def batch_fn(jobs: list[Job]) -> list[TaskResult]:
+            items = [job.meta["batch_item"] for job in jobs]
+            return run_batch(self.model, task, [i for i, _ in items], [p for _, p in items],
+                             RunOptions(callback=ModelWorker.batch_progress(jobs)))
+
+        return {"batch_key": key, "batch_fn": batch_fn, "item": item}
+
     def run(self, task: Task, image: Any, params: dict) -> TaskResult:
         """Queue the task and wait for it: 429 when the queue is full, 504 on timeout, 409 when cancelled."""
         try:
-            return self.worker.run(task.name, self.job_fn(task, image, params), timeout=self.settings.request_timeout)
-        except QueueFull as err:
-            raise http_error(429, str(err)) from None
+            job = self.submit(task, self.job_fn(task, image, params), None, image, params)
+            return self.worker.run_job(job, timeout=self.settings.request_timeout)
         except JobCancelled:
             raise http_error(409, "the request was cancelled") from None
         except JobTimeout as err:
@@ -92,9 +107,13 @@ class Runner:
         except ValueError as err:  # argument errors found while running
             raise http_error(422, str(err)) from None
 
-    def submit(self, task: Task, fn: Callable[[Job], Any], meta: dict | None = None) -> Job:
+    def submit(self, task: Task, fn: Callable[[Job], Any], meta: dict | None = None, image: Any = None,
+               params: dict | None = None) -> Job:
+        """Queue ``fn``; with the request's ``image`` and ``params`` it may be batched (``batch``)."""
+        batch = self.batch(task, image, params) if params is not None else {}
+        meta = dict(meta or {}, **({"batch_item": batch.pop("item")} if batch else {}))
         try:
-            return self.worker.submit(task.name, fn, meta)
+            return self.worker.submit(task.name, fn, meta, **batch)
         except QueueFull as err:
             raise http_error(429, str(err)) from None
 

@@ -22,6 +22,9 @@ class Settings:
         max_upload_bytes: the largest upload (413 beyond).
         max_queue: requests waiting or running before new ones get 429.
         request_timeout: seconds a synchronous request may wait for its result (504 beyond).
+        batch_window: seconds a batchable request (text-to-image; VQA and reports when the model has
+            ``answer_batch``) waits for others of the same task and parameters to run with it in one call.
+        max_batch: the most requests run together (1 turns batching off).
     """
 
     token: str | None = None
@@ -29,3 +32,5 @@ class Settings:
     max_upload_bytes: int = 256 * 1024 * 1024
     max_queue: int = 16
     request_timeout: float = 3600.0
+    batch_window: float = 0.015
+    max_batch: int = 8

@@ -36,7 +36,8 @@ def _generate(task: Task, /, *, req: Any, runner: RunnerDep):
 def _job_generate(task: Task, /, *, req: Any, runner: RunnerDep):
     """Start a text-to-image job; poll ``GET /v1/jobs/{id}`` for its progress."""
     params, output = _generate_params(runner, task, req)
-    return accepted(runner.submit(task, runner.job_fn(task, None, params), {"output": output, "source": None}))
+    return accepted(runner.submit(task, runner.job_fn(task, None, params), {"output": output, "source": None},
+                                  None, params))
 
 
 def _image_request(runner: Runner, registry: TaskRegistry, settings: Settings, task: Any, image: UploadFile,

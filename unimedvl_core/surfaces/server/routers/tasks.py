@@ -49,4 +49,5 @@ def submit_task(name: str, runner: RunnerDep, registry: RegistryDep, settings: S
                 image: UploadFile | None = IMAGE, params: str = PARAMS, output: OutputFormat = OUTPUT):
     """Start a task as a background job; poll ``GET /v1/jobs/{id}``, then fetch ``/result``."""
     task, src, values = _request(runner, registry, settings, name, image, params)
-    return accepted(runner.submit(task, runner.job_fn(task, src, values), {"output": output, "source": src}))
+    return accepted(runner.submit(task, runner.job_fn(task, src, values), {"output": output, "source": src},
+                                  src, values))

@@ -2,12 +2,13 @@
 
     python benchmarks/bench_gpu.py [--skip-save-load] [--batch 16]
 
-Prints one JSON line: build seconds; VQA prefill ms (448x448 image + question, up to the first token);
-decode tokens/s at batch 1 and at ``--batch`` (all rows together) with the fraction of the memory roofline
-(weight bytes one decoding step reads / the measured device-to-device copy bandwidth); VQA answers/s at
-``--batch`` against one by one; text-to-image 512x512 and 1024x1024 and editing 512x512 at 49 steps
-(the published schedule); peak GPU memory; save and load seconds. Needs one CUDA GPU and no dataset: the
-tokenizer is the embedded model's (its ids fit the released vocabulary), the weights are random.
+Prints a JSON line after each phase (the last one holds everything): build seconds; VQA prefill ms
+(448x448 image + question, up to the first token); decode tokens/s at batch 1 and at ``--batch`` (all rows
+together) with the fraction of the memory roofline (weight bytes one decoding step reads / the measured
+device-to-device copy bandwidth); VQA answers/s at ``--batch`` against one by one; text-to-image 512x512
+and 1024x1024 and editing 512x512 at 49 steps (the published schedule); peak GPU memory; save and load
+seconds. Needs one CUDA GPU and no dataset: the tokenizer is the embedded model's (its ids fit the released
+vocabulary), the weights are random.
 """
 
 from __future__ import annotations
@@ -141,6 +142,13 @@ def save_load_figures(model) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def roofline(model, row: dict, device: str) -> dict:
+    bandwidth = copy_bandwidth(device, 4.0 if device.startswith("cuda") else 0.25)
+    limit = bandwidth / decode_step_bytes(model)
+    return {"copy_bandwidth_TBps": round(bandwidth / 1e12, 2), "decode_roofline_tokens_per_s": round(limit, 1),
+            "decode_roofline_fraction_b1": round(row["decode_tokens_per_s_b1"] / limit, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
@@ -159,17 +167,15 @@ def main() -> None:
     model.progress = False
     row["params_B"] = round(sum(p.numel() for p in model.model.parameters()) / 1e9, 3)
     image = Image.open(PARITY_IMAGE).convert("RGB")
-    row.update(decode_figures(model, image, args.batch, args.tokens))
-    bandwidth = copy_bandwidth(args.device, 4.0 if args.device.startswith("cuda") else 0.25)
-    row["copy_bandwidth_TBps"] = round(bandwidth / 1e12, 2)
-    row["decode_roofline_tokens_per_s"] = round(bandwidth / decode_step_bytes(model), 1)
-    row["decode_roofline_fraction_b1"] = round(row["decode_tokens_per_s_b1"] / row["decode_roofline_tokens_per_s"], 3)
-    row.update(generation_figures(model, image))
-    if torch.cuda.is_available():
-        row["peak_gpu_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+    phases = [lambda: decode_figures(model, image, args.batch, args.tokens), lambda: roofline(model, row, args.device),
+              lambda: generation_figures(model, image)]
     if not args.skip_save_load:
-        row.update(save_load_figures(model))
-    print(json.dumps(row), flush=True)
+        phases.append(lambda: save_load_figures(model))
+    for phase in phases:  # the row so far after each phase, so a run cut short still reports what it measured
+        row.update(phase())
+        if torch.cuda.is_available():
+            row["peak_gpu_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

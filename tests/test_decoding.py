@@ -97,3 +97,23 @@ def test_cuda_graph_step_equals_eager_step():
     reference = step.eager(tokens, positions).clone()
     assert step.capture(tokens, positions)
     assert torch.allclose(step(tokens, positions), reference, atol=1e-2)
+
+
+def test_a_kept_decode_workspace_serves_prompts_of_other_lengths(tiny_model):
+    """On CUDA decode caches are kept between calls (their captured step replays); the same workspace logic,
+    run eagerly here, must give each request exactly its own answer."""
+    from unimedvl_core.inference.decoding import _workspace, choose_tokens, decode_rows
+    from unimedvl_core.inference.understanding import UnderstandingPipeline
+
+    images, questions = _requests()
+    pipeline, kept = UnderstandingPipeline(tiny_model), set()
+    # three prompts of different lengths that fit one capacity bucket (both images resize to 378 x 378)
+    for image, question in ((images[1], questions[0]), (images[2], questions[2]), (images[1], questions[3])):
+        context, logits, position = pipeline.prefill([image], question)
+        workspace = _workspace(tiny_model.model, context.cache, 1, context.length + 10)
+        kept.add(id(workspace))
+        step = workspace.load([(context.cache, 0, context.length)])
+        result = decode_rows(step, logits[None], torch.tensor([position]), 10, [tiny_model.special.im_end],
+                             lambda x: choose_tokens(x, False, 1.0, 1.0, None))
+        assert result.token_ids[0] == tiny_model.answer(image, question, max_new_tokens=10, return_dict=True).token_ids
+    assert len(kept) == 1  # one workspace, reused

@@ -10,6 +10,8 @@ elsewhere (and when capture is not possible) the same step runs eagerly.
 from __future__ import annotations
 
 import logging
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ from ..modeling.kv_cache import KVCache
 from ..modeling.qwen2_mot import ExpertRouting
 from ..modeling.unimedvl import UniMedVLModel
 
-__all__ = ["DecodeStep", "DecodeResult", "decode_rows", "choose_tokens"]
+__all__ = ["DecodeStep", "DecodeResult", "decode_rows", "choose_tokens", "decode_step_for"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 CUDA_STOP_CHECK_INTERVAL = 4
 # CUDA-graph capture costs a few warm-up forwards; below this many steps eager decoding is as fast.
 GRAPH_MIN_STEPS = 16
+# Kept decode caches are this many slots longer than needed at most, so one captured step serves many
+# prompt lengths; a model keeps this many (rows, capacity) workspaces, the least recently used dropped.
+CAPACITY_BUCKET = 512
+MAX_WORKSPACES = 2
 
 
 class DecodeStep:
@@ -77,6 +83,51 @@ class DecodeStep:
         self.inputs[1].copy_(positions)
         self.graph.replay()
         return self.output
+
+
+class _Workspace:
+    """A decode cache of fixed rows x capacity kept between calls with its step, so that a CUDA graph
+    captured once replays for every later request of that shape."""
+
+    def __init__(self, model: UniMedVLModel, like: KVCache, rows: int, capacity: int):
+        _, kv_heads, _, head_dim = like.keys[0].shape
+        self.cache = KVCache(like.num_layers, rows, capacity, kv_heads, head_dim, like.dtype, like.devices)
+        self.step = DecodeStep(model, self.cache, torch.zeros(rows, dtype=torch.long, device=like.device))
+
+    def load(self, sources: Sequence[tuple[KVCache, int, int]]) -> DecodeStep:
+        self.cache.fill(sources)
+        self.step.attention.lengths.copy_(torch.tensor([n for _, _, n in sources]))
+        return self.step
+
+
+_WORKSPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _workspace(model: UniMedVLModel, like: KVCache, rows: int, need: int) -> _Workspace:
+    capacity = -(-need // CAPACITY_BUCKET) * CAPACITY_BUCKET
+    kept = _WORKSPACES.setdefault(model, OrderedDict())
+    key = (rows, capacity, like.dtype, tuple(like.devices))
+    if key not in kept:
+        if len(kept) >= MAX_WORKSPACES:
+            kept.popitem(last=False)
+        kept[key] = _Workspace(model, like, rows, capacity)
+    kept.move_to_end(key)
+    return kept[key]
+
+
+def decode_step_for(model: UniMedVLModel, sources: Sequence[tuple[KVCache, int, int]],
+                    max_new_tokens: int) -> DecodeStep:
+    """A decode step over the prefilled rows ``(cache, row, length)`` with room for ``max_new_tokens`` more:
+    on CUDA a kept workspace whose captured graph replays across calls; elsewhere the prompt's own cache
+    (one row) or a stack of the rows."""
+    first = sources[0][0]
+    need = max(n for _, _, n in sources) + max_new_tokens
+    lengths = torch.tensor([n for _, _, n in sources], device=first.device)
+    if first.device.type == "cuda" and max_new_tokens > GRAPH_MIN_STEPS and len(set(first.devices)) == 1:
+        return _workspace(model, first, len(sources), need).load(sources)
+    if len(sources) == 1 and sources[0][1] == 0 and first.capacity >= need:
+        return DecodeStep(model, first, lengths)
+    return DecodeStep(model, KVCache.stack(sources, max_new_tokens), lengths)
 
 
 def choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -136,7 +187,7 @@ def decode_rows(step: DecodeStep, first_logits: torch.Tensor, positions: torch.T
     run = _Run([], [], torch.full((rows,), -1, dtype=torch.long, device=device))
     lengths, logits = step.attention.lengths, first_logits
     interval = CUDA_STOP_CHECK_INTERVAL if device.type == "cuda" else 1
-    if max_new_tokens > GRAPH_MIN_STEPS:
+    if step.graph is None and max_new_tokens > GRAPH_MIN_STEPS:
         step.capture(torch.argmax(logits, dim=-1), positions)  # any tokens: the first real step rewrites the slot
     for i in range(max_new_tokens):
         if keep_logits:  # a graph replays into the same output buffer

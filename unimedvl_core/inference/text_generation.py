@@ -11,7 +11,7 @@ import torch
 from ..modeling.qwen2_mot import ExpertRouting
 from ..modeling.tokenizer import IM_END, IM_START
 from .context import Context
-from .decoding import DecodeStep, choose_tokens, decode_rows
+from .decoding import choose_tokens, decode_rows, decode_step_for
 
 __all__ = ["TextOutput", "DecodingSettings", "DECODING", "EXPLANATION_TOKENS", "ANALYSIS_TOKENS", "decode_text",
            "check_decoding", "start_decoding", "final_text"]
@@ -98,8 +98,7 @@ def decode_text(context: Context, prompt_ids: list[int] | None, tokenizer, max_n
     check_decoding(max_new_tokens, do_sample, temperature, top_p)
     stops = list(stop_token_ids) if stop_token_ids is not None else [context.special.im_end]
     first_logits, position = start_decoding(context, prompt_ids)
-    lengths = torch.tensor([context.length], device=context.device)
-    step = DecodeStep(context.model, context.cache, lengths)
+    step = decode_step_for(context.model, [(context.cache, 0, context.length)], max_new_tokens)
     stream = _Streamer(tokenizer, streamer) if streamer is not None else None
     result = decode_rows(step, first_logits[None], torch.tensor([position], device=context.device), max_new_tokens,
                          stops, lambda logits: choose_tokens(logits, do_sample, temperature, top_p, generator),

@@ -10,12 +10,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..io.medical_io import read_image
-from ..modeling.kv_cache import KVCache
 from ..modeling.layout import TokenLayout
 from ..modeling.preprocessing import ResizeRule, resize_to_rule, to_model_tensor
 from .components import Components
 from .context import Context
-from .decoding import DecodeStep, choose_tokens, decode_rows
+from .decoding import choose_tokens, decode_rows, decode_step_for
 from .text_generation import DECODING, TextOutput, check_decoding, decode_text, final_text, start_decoding
 
 __all__ = ["UnderstandingPipeline", "vit_input", "vit_token_count"]
@@ -87,13 +86,13 @@ class UnderstandingPipeline:
         together, one forward per token for the whole batch. Greedy answers equal one-by-one answers."""
         check_decoding(max_new_tokens, do_sample, temperature, top_p)
         prefilled = [self.prefill(images, question) for images, question in requests]
-        cache = KVCache.stack([(ctx.cache, 0, ctx.length) for ctx, _, _ in prefilled], extra_capacity=max_new_tokens)
-        device = cache.device
-        lengths = torch.tensor([ctx.length for ctx, _, _ in prefilled], device=device)
+        step = decode_step_for(self.parts.model, [(ctx.cache, 0, ctx.length) for ctx, _, _ in prefilled],
+                               max_new_tokens)
+        device = step.cache.device
         positions = torch.tensor([pos for _, _, pos in prefilled], device=device)
         first = torch.stack([logits.to(device) for _, logits, _ in prefilled])
         stops = list(stop_token_ids) if stop_token_ids is not None else [self.parts.special.im_end]
-        result = decode_rows(DecodeStep(self.parts.model, cache, lengths), first, positions, max_new_tokens, stops,
+        result = decode_rows(step, first, positions, max_new_tokens, stops,
                              lambda logits: choose_tokens(logits, do_sample, temperature, top_p, generator))
         return [TextOutput(text=final_text(self.parts.tokenizer, self.parts.special.im_start, ids), token_ids=ids,
                            stopped_by="stop_token" if stopped else "length")

@@ -114,6 +114,11 @@ def load_model_weights(model: UniMedVLModel, path: Path, dtype: torch.dtype, dev
             set_module_tensor_to_device(model, name, target, value=tensor, dtype=dtype)
             del tensor
         vae_tensors = {k[len(EMBEDDED_VAE_PREFIX):]: handle.get_tensor(k) for k in embedded_vae}
+    if device_map is None:
+        # Buffers (rotary frequencies) were built on the CPU; left there, every forward would copy them to the
+        # device, a transfer that also keeps a decoding step from being captured as a CUDA graph.
+        for name, buffer in list(model.named_buffers()):
+            set_module_tensor_to_device(model, name, device, value=buffer)
     if index:
         save_offload_index(index, offload_folder)
     if device_map is not None:

@@ -102,9 +102,16 @@ class KVCache:
         capacity = max(length for _, _, length in sources) + extra_capacity
         _, kv_heads, _, head_dim = first.keys[0].shape
         out = cls(first.num_layers, len(sources), capacity, kv_heads, head_dim, first.dtype, first.devices)
-        for i, (src, row, length) in enumerate(sources):
-            for layer in range(first.num_layers):
-                out.keys[layer][i, :, :length] = src.keys[layer][row, :, :length]
-                out.values[layer][i, :, :length] = src.values[layer][row, :, :length]
-            out.lengths[i] = length
+        out.fill(sources)
         return out
+
+    def fill(self, sources: Sequence[tuple["KVCache", int, int]]) -> None:
+        """Row i becomes the first ``length_i`` tokens of row ``row_i`` of cache ``source_i``; what lies
+        beyond is left as it is (masked by the lengths)."""
+        if len(sources) > self.batch or max(length for _, _, length in sources) > self.capacity:
+            raise RuntimeError(f"{len(sources)} rows do not fit a cache of {self.batch} x {self.capacity}")
+        for i, (src, row, length) in enumerate(sources):
+            for layer in range(self.num_layers):
+                self.keys[layer][i, :, :length] = src.keys[layer][row, :, :length]
+                self.values[layer][i, :, :length] = src.values[layer][row, :, :length]
+            self.lengths[i] = length

@@ -22,6 +22,7 @@ from ..io.checkpoint import (
     normalize_device_map,
     save_checkpoint,
 )
+from ..io.provenance import Provenance
 from ..modeling.config import UniMedVLConfig
 from ..modeling.tokenizer import SpecialTokenIds, load_tokenizer
 from ..modeling.unimedvl import UniMedVLModel
@@ -90,9 +91,10 @@ class Components:
     """
 
     def __init__(self, model: UniMedVLModel, vae, tokenizer, config: UniMedVLConfig,
-                 tokenizer_dir: Path | None = None, name: str = "UniMedVL"):
+                 tokenizer_dir: Path | None = None, name: str = "UniMedVL", weights_file: Path | None = None):
         self.model, self.vae, self.tokenizer, self.config = model, vae, tokenizer, config
-        self.tokenizer_dir, self.name = tokenizer_dir, name
+        self.tokenizer_dir = tokenizer_dir
+        self.provenance = Provenance(name, weights_file)
         self.special = SpecialTokenIds.from_tokenizer(tokenizer)
         vocab = config.llm["vocab_size"]
         too_big = [t for t in self.special.all() if t >= vocab]
@@ -130,7 +132,8 @@ class Components:
         offload = _offload_folder(device_map, offload_folder, path)
         embedded_vae = load_model_weights(model, weights_path, dtype, device, device_map, offload, progress)
         vae = load_vae(config, path / VAE_FILE, dtype, device, override=embedded_vae or None)
-        return cls(model, vae, tokenizer, config, tokenizer_dir=path, name=path.name)
+        return cls(model, vae, tokenizer, config, tokenizer_dir=path, name=path.resolve().name,
+                   weights_file=weights_path)
 
     @classmethod
     def from_config(cls, config: UniMedVLConfig, tokenizer_dir: str | Path, seed: int = 0,
@@ -155,6 +158,15 @@ class Components:
         """Write the released layout; ``from_pretrained(path)`` gives back the same model."""
         return save_checkpoint(path, self.config, {weights_name: self.model.state_dict()}, self.vae, self.tokenizer,
                                self.tokenizer_dir)
+
+    @property
+    def name(self) -> str:
+        """What outputs call the weights: the checkpoint folder's name."""
+        return self.provenance.name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.provenance.name = value
 
     @property
     def device(self) -> torch.device:

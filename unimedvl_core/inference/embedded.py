@@ -27,6 +27,7 @@ def load_default_model(device: str | torch.device = "cpu", dtype: torch.dtype | 
 
     model = UniMedVL.from_pretrained(DEFAULT_MODEL_DIR, device=device, dtype=dtype, progress=progress)
     model.name = "embedded default (phantom-trained)"
+    model.provenance.demo = True  # it knows procedural phantoms only: outputs say so
     return model
 
 

@@ -97,4 +97,4 @@ def decode_output(parts: Components, tokens: torch.Tensor, height: int, width: i
         return pixels
     if output_type == "pt":
         return torch.from_numpy(pixels).permute(2, 0, 1)
-    return label_synthetic(Image.fromarray(pixels), task, description)
+    return label_synthetic(Image.fromarray(pixels), task, description, parts.provenance.short)

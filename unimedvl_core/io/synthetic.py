@@ -8,14 +8,18 @@ from PIL import Image, PngImagePlugin
 
 from .. import __version__
 
-__all__ = ["SYNTHETIC_NOTICE", "SOFTWARE", "label_synthetic", "is_labelled_synthetic", "save_png"]
+__all__ = ["SYNTHETIC_NOTICE", "SOFTWARE", "WEIGHTS_KEY", "label_synthetic", "is_labelled_synthetic", "save_png"]
 
 SYNTHETIC_NOTICE = "AI-generated synthetic image (UniMedVL). Not acquired from a patient; not for diagnosis."
 SOFTWARE = f"unimedvl-core {__version__}"
 
 
-def label_synthetic(image: Image.Image, task: str, description: str = "") -> Image.Image:
-    """Attach the synthetic-content labels to ``image.info`` (written as PNG text chunks by ``save_png``)."""
+WEIGHTS_KEY = "UniMedVLWeights"
+
+
+def label_synthetic(image: Image.Image, task: str, description: str = "", weights: str | None = None) -> Image.Image:
+    """Attach the synthetic-content labels to ``image.info`` (written as PNG text chunks by ``save_png``, and
+    read by the DICOM and NIfTI writers): synthetic, the software, the task, and the weights that made it."""
     image.info.update({
         "SyntheticData": "YES",
         "Software": SOFTWARE,
@@ -24,6 +28,8 @@ def label_synthetic(image: Image.Image, task: str, description: str = "") -> Ima
     })
     if description:
         image.info["Description"] = description
+    if weights:
+        image.info[WEIGHTS_KEY] = weights
     return image
 
 

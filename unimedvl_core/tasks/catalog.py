@@ -14,7 +14,7 @@ from ..inference.sampling import RENORM_TYPES
 from ..inference.text_generation import DECODING, EXPLANATION_TOKENS
 from ..io.medical_io import read_image
 from .params import Param
-from .registry import Batching, RunOptions, Task, TaskRegistry, TaskResult
+from .registry import Applicability, Batching, RunOptions, Task, TaskRegistry, TaskResult
 
 __all__ = ["TASKS", "MAX_STEPS", "MAX_NEW_TOKENS", "MAX_TEXT_CHARS", "task_generator"]
 
@@ -175,6 +175,15 @@ TEXT_TO_IMAGE_BATCHING = Batching(("prompt", "seed"), run_text_to_image_batch)
 VQA_BATCHING = Batching(("question", "seed"), run_vqa_batch, _greedy_with_batch_api)
 REPORT_BATCHING = Batching(("prompt", "seed"), run_report_batch, _greedy_with_batch_api)
 
+# Where each image task applies by default in study runs (the MAP; a task file may change it): super-
+# resolution for cross-sectional slices of at most 512 px (radiographs and mammograms are already 2000+ px),
+# staining for pathology, contrast translation for MR, counterfactual edits for radiographs. Inputs without a
+# modality (PNG, NIfTI) pass the modality rule.
+SUPER_RESOLUTION_APPLIES = Applicability(("CT", "MR", "PT", "NM", "US", "OT", "SC"), max_side=512)
+STAINING_APPLIES = Applicability(("SM", "OT", "XC", "GM", "SC"))
+TRANSLATION_APPLIES = Applicability(("MR",))
+COUNTERFACTUAL_APPLIES = Applicability(("CR", "DX", "DR", "RG"))
+
 _OVERRIDE = "override the task's instruction"
 
 
@@ -198,22 +207,23 @@ def _builtin_tasks() -> list[Task]:
              examples=('unimedvl edit --image t2.nii.gz --instruction "..." --out out.png',)),
         Task("super_resolution", "x2/x4 super-resolution", "image", "image",
              (Param("scale", "int", 4, "upscaling factor", choices=(2, 4)), _text("instruction", _OVERRIDE, False),
-              *_editing_params()), run_super_resolution,
+              *_editing_params()), run_super_resolution, applies=SUPER_RESOLUTION_APPLIES,
              examples=("unimedvl super_resolution --image lowres.png --scale 4 --out sr.png",)),
         Task("virtual_staining", "virtual staining of an H&E pathology image", "image", "image",
              (Param("stain", "str", "IHC", "the target stain", max_length=40), _text("instruction", _OVERRIDE, False),
-              *_editing_params()), run_virtual_staining, aliases=("stain",),
+              *_editing_params()), run_virtual_staining, aliases=("stain",), applies=STAINING_APPLIES,
              examples=("unimedvl virtual_staining --image he_patch.png --out ihc.png",)),
         Task("contrast_translation", "MRI contrast translation (e.g. T2 to FLAIR)", "image", "image",
              (Param("source", "str", "T2", "the input's contrast", max_length=40),
               Param("target", "str", "FLAIR", "the contrast to make", max_length=40),
               _text("instruction", _OVERRIDE, False), *_editing_params()), run_contrast_translation,
-             aliases=("translate",),
+             aliases=("translate",), applies=TRANSLATION_APPLIES,
              examples=("unimedvl contrast_translation --image t2.dcm --source T2 --target FLAIR --out flair.png",)),
         Task("counterfactual", "a counterfactual edit and the model's explanation", "image", "image",
              (_text("instruction", "the counterfactual change"),
               Param("max_explanation_tokens", "int", EXPLANATION_TOKENS, "most tokens of the explanation",
                     minimum=1, maximum=MAX_NEW_TOKENS), *_editing_params()), run_counterfactual,
+             applies=COUNTERFACTUAL_APPLIES,
              examples=('unimedvl counterfactual --image cxr.dcm --instruction "Remove the effusion." --out cf.png',)),
     ]
 

@@ -15,7 +15,7 @@ from typing import Any
 from .params import Param, TaskParameterError
 
 __all__ = ["Task", "TaskRegistry", "TaskResult", "RunOptions", "ModelLimits", "UnknownTaskError", "canonical_name",
-           "Batching"]
+           "Batching", "Applicability"]
 
 
 class UnknownTaskError(ValueError):
@@ -48,6 +48,38 @@ class ModelLimits:
         d, top = self.size_multiple, self.max_image_side
         if value % d or not d <= value <= top:
             raise TaskParameterError(f"{name} must be a multiple of {d} between {d} and {top} (got {value})")
+
+
+@dataclass(frozen=True)
+class Applicability:
+    """Where a task applies, so that a study run records "not applicable" instead of running it where it
+    makes no sense or would take an hour: the DICOM modalities it is for (``None``: any) and the largest
+    in-plane side of an input (``None``: any size). Inputs without a modality (PNG, NIfTI) pass the modality
+    rule."""
+
+    modalities: tuple[str, ...] | None = None
+    max_side: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Applicability":
+        unknown = set(data) - {"modalities", "max_side"}
+        if unknown:
+            raise TaskParameterError(f"applies_to: unknown keys {sorted(unknown)} (known: modalities, max_side)")
+        modalities = data.get("modalities")
+        return cls(tuple(str(m).upper() for m in modalities) if modalities is not None else None, data.get("max_side"))
+
+    def reason_not(self, image) -> str | None:
+        """Why the task does not apply to ``image`` (a ``MedicalImage``), or ``None`` when it does."""
+        modality = (getattr(image, "modality", None) or "").upper()
+        if self.modalities is not None and modality and modality not in self.modalities:
+            return f"not for {modality} images (applies to {', '.join(self.modalities)})"
+        size = getattr(image, "size", None)
+        if self.max_side is not None and size is not None and max(size) > self.max_side:
+            return f"input side {max(size)} px exceeds {self.max_side} px"
+        return None
+
+    def describe(self) -> dict:
+        return {"modalities": list(self.modalities) if self.modalities else None, "max_side": self.max_side}
 
 
 @dataclass
@@ -100,6 +132,7 @@ class Task:
     aliases: tuple[str, ...] = ()
     examples: tuple[str, ...] = ()
     batching: Batching | None = None
+    applies: Applicability = Applicability()
 
     def __post_init__(self):
         if self.takes not in ("image", "text") or self.returns not in ("text", "image"):
@@ -156,10 +189,14 @@ class Task:
         result.params = resolved
         return result
 
+    def not_applicable(self, image, rules: Applicability | None = None) -> str | None:
+        """Why this task does not apply to ``image`` under ``rules`` (the task's own by default)."""
+        return (rules or self.applies).reason_not(image)
+
     def describe(self) -> dict:
         return {"name": self.name, "summary": self.summary, "takes": self.takes, "returns": self.returns,
                 "aliases": list(self.aliases), "params": [p.describe() for p in self.params],
-                "examples": list(self.examples)}
+                "applies_to": self.applies.describe(), "examples": list(self.examples)}
 
 
 class TaskRegistry:

@@ -82,7 +82,8 @@ def test_inference_answers_every_sample_input(tmp_path):
 def test_image_task_writes_labelled_png_dicom_and_nifti(tmp_path):
     out = tmp_path / "sr"
     bundle_run("--config_file", str(CONFIGS / "inference.json"), "--output_dir", str(out), "--task",
-               "contrast_translation", "--task_params#num_inference_steps", "2", "--slices", "all", cwd=tmp_path)
+               "contrast_translation", "--task_params#num_inference_steps", "2", "--slices", "all",
+               "--applies_to", "{'modalities': None}", cwd=tmp_path)  # translate the CT too (its rule: MR only)
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 2 + 3 + 3  # two PNG inputs, three DICOM slices, three NIfTI slices
     assert all(Image.open(p).text["SyntheticData"] == "YES" for p in out.glob("*.png"))
@@ -96,6 +97,55 @@ def test_image_task_writes_labelled_png_dicom_and_nifti(tmp_path):
     assert b"SYNTHETIC" in img.header["descrip"].tobytes()
     src = nib.load(str(BUNDLE / "sample_data" / "mr_t2_phantom.nii.gz"))
     assert img.affine[2, 3] == pytest.approx(src.affine[2, 3] + 1 * src.affine[2, 2])  # slice 1 stays in place
+
+
+def test_task_rules_and_failures_are_recorded_per_run(tmp_path):
+    """Where a task does not apply (translation is for MR; the sample CT series is CT) each run says so, the
+    others are done, and the run's status says it all; an output folder inside the inputs is refused."""
+    out = tmp_path / "rules"
+    bundle_run("--config_file", str(CONFIGS / "inference.json"), "--output_dir", str(out), "--task",
+               "contrast_translation", "--task_params#num_inference_steps", "1", cwd=tmp_path)
+    summary = json.loads((out / "results.json").read_text())
+    by_input = {Path(r["input"]).name: r for r in summary["results"]}
+    assert by_input["dicom_ct_series"]["status"] == "not applicable"
+    assert "not for CT images" in by_input["dicom_ct_series"]["reason"]
+    assert by_input["ct_phantom.png"]["status"] == "done" and by_input["ct_phantom.png"]["outputs"]
+    assert summary["status"] == "complete" and summary["weights"]["sha256"]
+    data = tmp_path / "data"
+    shutil.copytree(BUNDLE / "sample_data", data)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file",
+           str(CONFIGS / "inference.json"), "--dataset_dir", str(data), "--output_dir", str(data / "out")]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "lies inside the input folder" in result.stderr
+    assert not (data / "out").exists()
+
+
+def test_a_failing_run_is_recorded_and_the_others_go_on(tiny_model, tmp_path):
+    from unimedvl_core import read_slices
+    from unimedvl_core.surfaces.bundle import TaskInferer, TaskRunner, list_inputs
+    from unimedvl_core.tasks.catalog import TASKS
+    from unimedvl_core.tasks.registry import Task, TaskResult
+
+    def measure(model, image, params, options):
+        if max(image.size) > 100:
+            raise RuntimeError("input too large for this task")
+        return TaskResult("measure", text=f"{image.size}")
+
+    data = tmp_path / "in"
+    data.mkdir()
+    Image.new("RGB", (64, 64)).save(data / "small.png")
+    Image.new("RGB", (800, 600)).save(data / "large.png")
+    items = [{**i, "slices": read_slices(i["image"])} for i in list_inputs(data)]
+    TASKS.register(Task("measure", "the input's size", "image", "text", (), measure))
+    try:
+        summary = TaskRunner(tiny_model, items, TaskInferer("measure"), str(tmp_path / "out"), progress=False).run()
+    finally:
+        TASKS.unregister("measure")
+    records = {Path(r["input"]).name: r for r in summary["results"]}
+    assert records["small.png"]["status"] == "done" and records["small.png"]["text"] == "(64, 64)"
+    assert records["large.png"]["status"] == "failed"
+    assert records["large.png"]["reason"] == "RuntimeError: input too large for this task"
+    assert summary["status"] == "partial"
 
 
 def test_text_to_image_task(tmp_path):

@@ -102,3 +102,51 @@ def test_an_incomplete_embedded_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(defaults, "DEFAULT_MODEL_DIR", tmp_path)
     with pytest.raises(CheckpointError, match="ema.safetensors, ae.safetensors missing"):
         defaults.load_default_model()
+
+
+def test_outputs_never_overwrite_inputs(tmp_path, capsys):
+    source = tmp_path / "orig.png"
+    Image.open(PARITY / "image448.png").save(source)
+    before = source.read_bytes()
+    assert main(["contrast_translation", *CKPT, *FAST, "--image", str(source), "--out", str(source)]) == 2
+    assert "is the input itself" in capsys.readouterr().err
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    dicom = folder / "ct.dcm"
+    dicom.write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
+    # a PNG output named like the input DICOM would write its DICOM twin over the input
+    assert main(["super_resolution", *CKPT, *FAST, "--image", str(dicom), "--out", str(folder / "ct.png")]) == 2
+    assert "is the input itself" in capsys.readouterr().err
+    assert main(["super_resolution", *CKPT, *FAST, "--image", str(folder), "--out", str(folder / "sr")]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert main(["edit", *CKPT, *FAST, "--image", str(dicom), "--instruction", "x", "--out", str(dicom)]) == 2
+    assert source.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["ct.dcm"]
+
+
+def test_exit_codes_and_one_line_errors(tmp_path, capsys, monkeypatch):
+    import unimedvl_core.surfaces.cli as cli
+
+    assert main(["serve", "--ckpt", str(tmp_path / "missing")]) == 2  # before any server starts
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint folder not found") and "Traceback" not in err
+
+    def broken(args):
+        raise RuntimeError("the model broke\nsecond line")
+
+    monkeypatch.setattr(cli, "_load", broken)
+    assert main(["vqa", "--image", str(PARITY / "image448.png"), "--question", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "internal error: RuntimeError: the model broke" and "Traceback" not in err
+    assert main(["--debug", "vqa", "--image", str(PARITY / "image448.png"), "--question", "x"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_json_names_the_weights(tmp_path):
+    out = tmp_path / "a.json"
+    assert main(["vqa", *CKPT, "--image", str(PARITY / "image448.png"), "--question", "x", "--max-new-tokens", "2",
+                 "--json", str(out)]) == 0
+    weights = json.loads(out.read_text())["weights"]
+    assert weights["name"] == "tiny_s0" and weights["weights_file"] == "ema.safetensors"
+    import hashlib
+
+    assert weights["sha256"] == hashlib.sha256((PARITY_CKPT / "ema.safetensors").read_bytes()).hexdigest()

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from ..inference.embedded import load_model
 from ..io.medical_io import ImageReadError, dicom_image_headers, is_dicom_file, read_slices
 from ..io.outputs import write_image_outputs
+from ..io.paths import check_output_location
 from ..tasks.catalog import TASKS
-from ..tasks.registry import RunOptions
+from ..tasks.registry import Applicability, RunOptions
 
 __all__ = ["load_network", "list_inputs", "task_items", "LoadMedicalSlices", "LoadMedicalSlicesd", "TaskInferer",
            "TaskRunner", "CurriculumData", "CurriculumTrainer", "EvaluationRunner", "read_lines"]
@@ -109,21 +110,24 @@ class LoadMedicalSlicesd(MapTransform):
 
 
 class TaskInferer:
-    """Runs one registry task (``unimedvl_core.tasks``) on one input item; one record per slice and per value
-    of a list parameter (``questions`` for VQA, ``prompts`` for text-to-image).
+    """Runs one registry task (``unimedvl_core.tasks``) on one input item; one outcome per slice and per value
+    of a list parameter (``questions`` for VQA, ``prompts`` for text-to-image): done, not applicable (the
+    task's rules of where it applies, or ``applies_to``) or failed, each with its reason.
 
     Args:
         task: a task name of the registry.
         params: the task's parameters (names, defaults and limits as ``unimedvl tasks`` lists them).
         questions, questions_file, prompts, prompts_file: list forms of the task's repeatable parameter.
+        applies_to: ``{"modalities": [...] | None, "max_side": N | None}`` instead of the task's own rules.
     """
 
     def __init__(self, task: str = "vqa", params: dict | None = None, questions: Sequence[str] | None = None,
                  questions_file: str | None = None, prompts: Sequence[str] | None = None,
-                 prompts_file: str | None = None):
+                 prompts_file: str | None = None, applies_to: dict | None = None):
         self.spec = TASKS.get(task)
         self.task = self.spec.name
         self.params = dict(params or {})
+        self.rules = Applicability.from_dict(applies_to) if applies_to is not None else self.spec.applies
         lists = {"questions": [*(questions or []), *read_lines(questions_file)],
                  "prompts": [*(prompts or []), *read_lines(prompts_file)]}
         self.repeat = None  # (parameter name, values) the task runs once per value of
@@ -139,6 +143,17 @@ class TaskInferer:
         name, values = self.repeat
         return [{name: v} for v in values]
 
+    def outcome(self, network, src, params: dict) -> dict:
+        """One run: ``{"status": "done" | "not applicable" | "failed", "reason", "result"}``."""
+        reason = self.spec.not_applicable(src, self.rules) if src is not None else None
+        if reason is not None:
+            return {"status": "not applicable", "reason": reason, "result": None}
+        try:
+            return {"status": "done", "reason": None, "result": self.spec.run(network, src, params, RunOptions())}
+        except Exception as err:  # one failed run is recorded; the others go on
+            log.warning("%s failed: %s", self.task, err)
+            return {"status": "failed", "reason": f"{type(err).__name__}: {err}".splitlines()[0], "result": None}
+
     def __call__(self, network, item: dict) -> list[dict]:
         if not self.spec.needs_image:
             values = [{self.repeat[0]: item["prompt"]}] if self.repeat else [{}]
@@ -149,15 +164,15 @@ class TaskInferer:
         for k, src in sources:
             for value in values:
                 params = self.spec.item_params({**self.params, **value}, k)
-                result = self.spec.run(network, src, params, RunOptions(progress=False))
-                out.append({"slice": getattr(src, "frame", None), "source": src, "result": result})
+                out.append({"slice": getattr(src, "frame", None), "source": src, "params": params,
+                            **self.outcome(network, src, params)})
         return out
 
 
 class TaskRunner:
-    """The bundle's evaluator: every item of the dataset through the inferer; a record per result in
-    ``results.json`` (task parameters, text), images as labelled PNG plus DICOM (DICOM inputs) or NIfTI (NIfTI
-    inputs) in ``output_dir``."""
+    """The bundle's evaluator: every item of the dataset through the inferer; one record per run in
+    ``results.json`` (status and reason, task parameters, text), images as labelled PNG plus DICOM (DICOM
+    inputs) or NIfTI (NIfTI inputs) in ``output_dir``. A run that fails is recorded and the others go on."""
 
     def __init__(self, network, dataset, inferer: TaskInferer, output_dir: str, progress: bool = True):
         self.network, self.dataset, self.inferer = network, dataset, inferer
@@ -165,9 +180,10 @@ class TaskRunner:
 
     def _entry(self, item: dict, record: dict, name: str, series_uid: str, n: int) -> dict:
         result = record["result"]
-        entry = {"input": item.get("image") or item.get("prompt"), "task": result.task, "slice": record["slice"],
-                 "parameters": result.params, "text": result.text}
-        if result.image is not None:
+        entry = {"input": item.get("image") or item.get("prompt"), "task": self.inferer.task,
+                 "slice": record["slice"], "status": record["status"], "reason": record["reason"],
+                 "parameters": result.params if result else record["params"], "text": result.text if result else None}
+        if result is not None and result.image is not None:
             stem = name if record["slice"] is None else f"{name}_slice{record['slice']:04d}"
             stem += f"_{n:02d}" if len(self.inferer.values()) > 1 else ""
             paths = write_image_outputs(result.image, record["source"], self.output_dir / stem, result.task,
@@ -188,17 +204,29 @@ class TaskRunner:
             series_uid, name = generate_uid(), item.get("name") or f"prompt_{index:04d}"
             for n, record in enumerate(self.inferer(self.network, item)):
                 results.append(self._entry(item, record, name, series_uid, n))
-        summary = {"model": self.network.name, "task": self.inferer.task, "results": results, "errors": errors}
+        summary = {"model": self.network.name, "weights": self.network.provenance.to_dict(),
+                   "task": self.inferer.task, "status": _run_status(results, errors), "results": results,
+                   "errors": errors}
         (self.output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("wrote %d results to %s", len(results), self.output_dir)
         return summary
 
 
+def _run_status(results: list[dict], errors: list[dict]) -> str:
+    """complete: every input read and every applicable run done; partial: some; failed: none done."""
+    done = sum(r["status"] == "done" for r in results)
+    if done == 0 and any(r["status"] == "failed" for r in results) or (not results and errors):
+        return "failed"
+    return "partial" if errors or any(r["status"] == "failed" for r in results) else "complete"
+
+
 def task_items(task: str, dataset_dir: str, prompts: Sequence[str] | None = None,
-               prompts_file: str | None = None) -> list[dict]:
+               prompts_file: str | None = None, output_dir: str | None = None) -> list[dict]:
     """The bundle's datalist: the inputs in ``dataset_dir`` for tasks that take images, else one item per
-    prompt."""
+    prompt. The output folder may not be, hold or lie inside the input folder (outputs never mix with inputs)."""
     if TASKS.get(task, warn=False).needs_image:
+        if output_dir is not None:
+            check_output_location([output_dir], [dataset_dir])
         return list_inputs(dataset_dir)
     items = [{"prompt": p, "index": i} for i, p in enumerate(list(prompts or []) + read_lines(prompts_file))]
     if not items:

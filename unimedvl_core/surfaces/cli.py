@@ -24,11 +24,10 @@ from pathlib import Path
 
 from .. import __version__
 from ..inference.embedded import DEFAULT_MODEL_DIR, load_model
-from ..io.medical_io import ImageReadError
 from ..modeling.config import UniMedVLConfig
 from ..tasks.catalog import TASKS
 from ..tasks.registry import ModelLimits
-from .cli_tasks import HelpFormatter, add_model_args, add_task_commands, run_task_command
+from .cli_tasks import HelpFormatter, add_model_args, add_task_commands, check_task_command, run_task_command
 
 __all__ = ["main", "build_parser"]
 
@@ -97,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimedvl", description="UniMedVL: read and make medical images.",
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"unimedvl-core {__version__}")
+    parser.add_argument("--debug", action="store_true", help="log details and show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_task_commands(sub)
     _add_service_commands(sub)
@@ -180,18 +180,14 @@ def _serve(args) -> int:
 
     from .server.app import serve
 
-    try:
-        serve(str(args.ckpt) if args.ckpt else None, args.host, args.port,
-              args.token or os.environ.get("UNIMEDVL_TOKEN"), args.device, args.dtype)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    serve(str(args.ckpt) if args.ckpt else None, args.host, args.port, args.token or os.environ.get("UNIMEDVL_TOKEN"),
+          args.device, args.dtype)
     return 0
 
 
 def _info(args, model) -> int:
     print(model)
-    print(json.dumps(model.config.to_dict(), indent=2))
+    print(json.dumps({"weights": model.provenance.to_dict(), "config": model.config.to_dict()}, indent=2))
     return 0
 
 
@@ -205,19 +201,39 @@ def _without_model(args) -> int | None:
     return handlers[args.command](args) if args.command in handlers else None
 
 
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input or arguments (one line on stderr naming the problem), 1 an internal
+    error (one line; the traceback only with ``--debug``), 130 interrupted."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         status = _without_model(args)
         if status is not None:
             return status
+        if getattr(args, "task", None):
+            check_task_command(args)
         model = _load(args)
         handlers = {"info": _info, "demo": _demo, "phantom-eval": _phantom_eval, "evaluate": _evaluate}
         return handlers.get(args.command, run_task_command)(args, model)
-    except (ImageReadError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:  # ImageReadError, CheckpointError, TaskParameterError, missing files
+        return _fail(args, EXIT_BAD_INPUT, f"error: {err}")
+    except KeyboardInterrupt:
+        return _fail(args, EXIT_INTERRUPTED, "interrupted")
+    except Exception as err:  # reported in one line; --debug shows where
+        return _fail(args, EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err}")
+
+
+def _fail(args, status: int, message: str) -> int:
+    print(message.splitlines()[0] if message else message, file=sys.stderr)
+    if args.debug and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
+    return status
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ from pydicom.uid import generate_uid
 
 from ..io.medical_io import MedicalImage, read_slices
 from ..io.outputs import write_image_outputs
+from ..io.paths import check_output_location
 from ..tasks.catalog import TASKS
 from ..tasks.params import Param, TaskParameterError
 from ..tasks.registry import ModelLimits, RunOptions, Task, TaskResult, canonical_name
 
-__all__ = ["add_task_commands", "run_task_command", "add_model_args", "HelpFormatter"]
+__all__ = ["add_task_commands", "check_task_command", "run_task_command", "add_model_args", "HelpFormatter"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -139,9 +140,26 @@ def _report(task: Task, src, result: TaskResult, several: bool, paths: list[str]
             "outputs": paths}
 
 
+def _planned_outputs(args, task: Task) -> list[Path]:
+    """Every file this run may write: the image outputs (PNG, DICOM, NIfTI, explanation) and the JSON."""
+    planned = [args.json] if args.json else []
+    if task.returns == "image":
+        stem = _stem(args.out)
+        planned += [args.out, *(stem.parent / f"{stem.name}{suffix}" for suffix in (".png", ".dcm", ".nii.gz", ".txt"))]
+    return planned
+
+
+def check_task_command(args) -> None:
+    """What can be checked before a model loads: outputs never overwrite or mix with the input."""
+    task = TASKS.get(args.task, warn=False)
+    if task.needs_image:
+        check_output_location(_planned_outputs(args, task), [args.image])
+
+
 def run_task_command(args, model) -> int:
     """Run the task named by the subcommand on every selected slice (or once, for text-only tasks)."""
     task = TASKS.get(args.task, warn=False)
+    check_task_command(args)
     if canonical_name(args.command) in {canonical_name(a) for a in task.aliases}:
         print(f"warning: '{args.command}' is deprecated; use 'unimedvl {task.name}'", file=sys.stderr)
     params = task.resolve({p.name: getattr(args, p.name) for p in task.params}, ModelLimits.of(model.config))
@@ -157,6 +175,6 @@ def run_task_command(args, model) -> int:
         records.append(_report(task, src, result, several, paths))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": model.name, "task": task.name, "parameters": params,
-                                         "results": records}, indent=2))
+        args.json.write_text(json.dumps({"model": model.name, "weights": model.provenance.to_dict(), "task": task.name,
+                                         "parameters": params, "results": records}, indent=2))
     return 0

@@ -97,9 +97,10 @@ def serve(ckpt: str | None, host: str, port: int, token: str | None, device: str
 
     from ...inference.embedded import load_model
 
-    app = create_app(loader=lambda: load_model(ckpt, device=device, dtype=dtype, progress=True),
-                     settings=Settings(token=token))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # Loaded before the server starts, so that a missing or broken checkpoint is one clear error from the
+    # command, not a failed start-up inside uvicorn.
+    model = load_model(ckpt, device=device, dtype=dtype, progress=True)
+    uvicorn.run(create_app(model=model, settings=Settings(token=token)), host=host, port=port, log_level="info")
 
 
 def _is_loopback(host: str) -> bool:

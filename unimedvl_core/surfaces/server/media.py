@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ...io.medical_io import ImageReadError, MedicalImage, read_image
+from ...io.synthetic import WEIGHTS_KEY
 from ...tasks.registry import TaskResult
 from .settings import Settings
 
@@ -100,7 +101,8 @@ def image_response(image: Image.Image, output: str, source: MedicalImage | None,
     """A generated image with its synthetic labels: the header always, PNG text chunks or DICOM
     ``SyntheticData`` in the file."""
     headers = {"X-UniMedVL-Synthetic": "YES", "X-UniMedVL-Task": task,
-               "X-UniMedVL-Description": header_text(image.info.get("Description", ""))[:500], **(extra_headers or {})}
+               "X-UniMedVL-Description": header_text(image.info.get("Description", ""))[:500],
+               "X-UniMedVL-Weights": header_text(image.info.get(WEIGHTS_KEY, ""))[:300], **(extra_headers or {})}
     buf = io.BytesIO()
     if output == "npy":
         np.save(buf, np.asarray(image))

@@ -26,7 +26,8 @@ def info(model: ModelDep, registry: RegistryDep, settings: SettingsDep) -> dict:
     limits = {**ModelLimits.of(model.config).describe(), "max_image_pixels": settings.max_image_pixels,
               "max_upload_bytes": settings.max_upload_bytes, "max_queue": settings.max_queue,
               "request_timeout": settings.request_timeout}
-    return {"name": "UniMedVL", "version": __version__, "model": model.name, "device": str(model.device),
+    return {"name": "UniMedVL", "version": __version__, "model": model.name,
+            "weights": model.provenance.to_dict(), "device": str(model.device),
             "dtype": str(model.dtype).replace("torch.", ""), "default_size": limits["default_size"],
             "max_image_side": limits["max_image_side"], "size_multiple": limits["size_multiple"],
             "tasks": registry.names(), "image_to_image": [t.name for t in image_to_image_tasks(registry)],

@@ -27,7 +27,8 @@ def tiny_config(**overrides) -> UniMedVLConfig:
                num_hidden_layers=3, patch_size=14, image_size=980, num_channels=3, hidden_act="gelu_pytorch_tanh",
                layer_norm_eps=1e-6, attention_dropout=0.0)
     llm.update(overrides.pop("llm", {}))
-    vae = VAEConfig(resolution=64, ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=1, z_channels=4)
+    vae = overrides.pop("vae", None) or VAEConfig(resolution=64, ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                                  z_channels=4)
     return UniMedVLConfig(llm=llm, vit=vit, vae=vae, **overrides)
 
 

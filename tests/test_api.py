@@ -111,10 +111,14 @@ def test_sampling_uses_the_generator_and_top_p(tiny_model):
         run(0, top_p=0.0)
 
 
-def test_edit_defaults_to_the_input_size_by_the_vae_rule(tiny_model):
+def test_edit_defaults_to_the_input_size(tiny_model):
+    """Generated at the size the VAE rule gives (304x192) and resized back to the input's (docs/tiling.md)."""
     image = Image.new("RGB", (300, 200), (90, 60, 30))
     out = tiny_model.edit_image(image, "Make it darker.", num_inference_steps=2, progress=False)
-    assert out.size == (304, 192) and is_labelled_synthetic(out)
+    assert out.size == (300, 200) and is_labelled_synthetic(out)
+    latent = tiny_model.edit_image(image, "Make it darker.", num_inference_steps=2, progress=False,
+                                   output_type="latent")
+    assert tuple(latent.shape[-2:]) == (192 // 8, 304 // 8)  # latents stay at the generated size
     assert out.info["UniMedVLTask"] == "image-to-image"
 
 
@@ -134,7 +138,7 @@ def test_named_tasks(tiny_model):
     sr = tiny_model.super_resolve(small, scale=4, num_inference_steps=2, progress=False)
     assert sr.size == (160, 96) and sr.info["UniMedVLTask"] == "super-resolution"
     with pytest.raises(ValueError, match="exceeds the largest output side"):
-        tiny_model.super_resolve(Image.new("RGB", (300, 300)), scale=4)
+        tiny_model.super_resolve(Image.new("RGB", (1100, 300)), scale=4)  # 4400 px > 4096 (docs/tiling.md)
     stained = tiny_model.virtual_stain(small, num_inference_steps=2, progress=False)
     assert "IHC" in stained.info["Description"] and stained.info["UniMedVLTask"] == "virtual-staining"
     flair = tiny_model.translate_contrast(small, "T2", "FLAIR", num_inference_steps=2, progress=False)

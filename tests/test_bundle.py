@@ -192,3 +192,15 @@ def test_evaluation_writes_table_and_figure(tmp_path, phantom_dirs):
     assert results["text_to_image"]["n"] == 3 and results["text_to_image"]["fid"] >= 0
     assert (out / "results.md").read_text().startswith("| evaluation | metric | value |")
     assert Image.open(out / "samples.png").size[0] > 500
+
+
+def test_our_own_outputs_are_not_read_back_as_inputs(tiny_model, tmp_path):
+    from unimedvl_core.io.synthetic import label_synthetic, save_png
+    from unimedvl_core.surfaces.bundle import list_inputs
+
+    data = tmp_path / "in"
+    data.mkdir()
+    Image.new("RGB", (32, 32)).save(data / "scan.png")
+    save_png(label_synthetic(Image.new("RGB", (32, 32)), "super_resolution"), data / "scan_sr.png")
+    assert [Path(i["image"]).name for i in list_inputs(data)] == ["scan.png"]
+    assert len(list_inputs(data, include_synthetic=True)) == 2

@@ -20,7 +20,7 @@ from unimedvl_core.io.medical_io import read_image, read_slices
 from unimedvl_core.surfaces.deploy.config import DEFAULT_SELECTION, load_deploy_config
 from unimedvl_core.surfaces.deploy.inputs import InputError, scan_dicom_folder
 
-from .conftest import dciodvfy_errors
+from .conftest import PARITY_CKPT, dciodvfy_errors
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "monai_deploy_app"
@@ -179,13 +179,74 @@ def test_bad_task_files(tmp_path):
         load_deploy_config(bad)
 
 
+
+def test_task_file_rules_and_switches(tmp_path):
+    from unimedvl_core.io.medical_io import MedicalImage
+
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"allow_demo_model": True, "tasks": [
+        {"task": "super_resolution", "scale": 2}, {"task": "edit", "instruction": "x",
+                                                   "applies_to": {"modalities": ["dx"], "max_side": 100}}]}))
+    config = load_deploy_config(path)
+    assert config.allow_demo_model and not config.include_synthetic_inputs
+    big_cr = MedicalImage(np.zeros((3000, 2500, 3), np.uint8), "cr.dcm", modality="CR")
+    assert "not for CR" in config.tasks[0].not_applicable(big_cr)  # the registry's rules
+    assert "exceeds 100 px" in config.tasks[1].not_applicable(MedicalImage(np.zeros((200, 50, 3), np.uint8), "dx.dcm",
+                                                                            modality="DX"))
+    for bad in ({"max_side": "big"}, {"modality": ["CT"]}, ["CT"]):
+        path.write_text(yaml.safe_dump({"tasks": [{"task": "edit", "instruction": "x", "applies_to": bad}]}))
+        with pytest.raises(ValueError, match="applies_to"):
+            load_deploy_config(path)
+    path.write_text("tasks: [{task: vqa, questions: [Is it?]}]")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_deploy_config(path)
+
+
+def test_model_folder_choice(tmp_path, monkeypatch):
+    from unimedvl_core.inference.embedded import DEFAULT_MODEL_DIR
+    from unimedvl_core.surfaces.deploy.model import ModelFolderError, choose_model
+
+    monkeypatch.delenv("UNIMEDVL_ALLOW_DEMO_MODEL", raising=False)
+    assert choose_model(PARITY_CKPT).checkpoint == PARITY_CKPT
+    packaged = tmp_path / "models"
+    shutil.copytree(PARITY_CKPT, packaged / "UniMedVL")
+    assert choose_model(packaged).checkpoint == packaged / "UniMedVL"  # the MAP packager's layout
+    assert choose_model(DEFAULT_MODEL_DIR).demo  # given explicitly: used, and known to be the demo model
+    with pytest.raises(ModelFolderError, match="no model folder"):
+        choose_model(None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFolderError, match="no checkpoint in the model folder"):
+        choose_model(tmp_path / "empty")
+    assert choose_model(None, allow_demo_model=True) == choose_model(tmp_path / "absent", True)
+    monkeypatch.setenv("UNIMEDVL_ALLOW_DEMO_MODEL", "1")
+    assert choose_model(None).checkpoint is None and choose_model(None).demo
+    (packaged / "UniMedVL" / "ae.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match="incomplete: ae.safetensors missing"):
+        choose_model(packaged)
+    shutil.copytree(PARITY_CKPT, packaged / "other")
+    with pytest.raises(ModelFolderError, match="several checkpoints"):
+        choose_model(packaged)
+
+
+def test_output_folder_apart_from_input(tmp_path):
+    from unimedvl_core.surfaces.deploy.inputs import check_folders
+
+    check_folders(tmp_path / "in", tmp_path / "out")
+    for out in (tmp_path / "in", tmp_path / "in" / "out", tmp_path):
+        with pytest.raises(InputError, match="output folder"):
+            check_folders(tmp_path / "in", out)
+
 # ----- the application end to end -----
-def run_app(input_dir: Path, output_dir: Path, tasks: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**__import__("os").environ}
+def run_app(input_dir: Path, output_dir: Path, tasks: Path | None = None, model: Path | None = PARITY_CKPT,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """The application as a subprocess, with the tiny parity checkpoint by default (``model=None``: no -m)."""
+    env = {**__import__("os").environ, **(env or {})}
+    env.pop("HOLOSCAN_MODEL_PATH", None)
     if tasks is not None:
         env["UNIMEDVL_TASKS"] = str(tasks)
-    return subprocess.run([sys.executable, str(APP / "app.py"), "-i", str(input_dir), "-o", str(output_dir)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    command = [sys.executable, str(APP / "app.py"), "-i", str(input_dir), "-o", str(output_dir)]
+    return subprocess.run(command + (["-m", str(model)] if model is not None else []), capture_output=True,
+                          text=True, timeout=900, env=env)
 
 
 def test_app_processes_supported_series_and_writes_valid_labelled_dicom(tmp_path):
@@ -196,7 +257,7 @@ def test_app_processes_supported_series_and_writes_valid_labelled_dicom(tmp_path
     tasks = tmp_path / "tasks.yaml"
     tasks.write_text(yaml.safe_dump({"slices": "all", "max_new_tokens": 4, "num_inference_steps": 2, "tasks": [
         {"task": "vqa", "questions": ["Is there a lesion?"]}, {"task": "report"},
-        {"task": "contrast_translation", "source": "T1", "target": "T2"}]}))
+        {"task": "contrast_translation", "source": "T1", "target": "T2", "applies_to": {}}]}))  # also on CT
     out = tmp_path / "out"
     result = run_app(inp, out, tasks)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -226,6 +287,8 @@ def test_app_rejects_unusable_input_without_output(tmp_path):
     (inp / "broken.dcm").write_bytes(b"DICM" + b"\x00" * 50)
     out = tmp_path / "out"
     result = run_app(inp, out)
-    assert result.returncode != 0
-    assert "no usable DICOM image" in (result.stdout + result.stderr)
-    assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("."))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"unimedvl: rejected: no usable DICOM image in {inp} (1 files; ")
+    assert "broken.dcm: " in lines[0] and "Traceback" not in result.stdout + result.stderr
+    assert not out.exists()

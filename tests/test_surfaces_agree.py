@@ -82,7 +82,7 @@ def test_bundle_agrees_with_the_api(api, study, tmp_path):
         wf.run()
         return json.loads((out / "results.json").read_text())["results"]
 
-    run("contrast_translation", TRANSLATION, tmp_path / "image")
+    run("contrast_translation", TRANSLATION, tmp_path / "image", applies_to={})  # the MR task on this CT, as elsewhere
     assert np.array_equal(_pixels(next((tmp_path / "image").glob("*.png"))), api[0])
     texts = run("vqa", {"max_new_tokens": TOKENS}, tmp_path / "text", questions=[QUESTION])
     assert [r["text"] for r in texts] == [api[1]]
@@ -104,7 +104,8 @@ def test_server_agrees_with_the_api(api, study, cpu_model):
 
 def test_map_agrees_with_the_api(api, study, tmp_path):
     tasks = tmp_path / "tasks.yaml"
-    tasks.write_text(yaml.safe_dump({"tasks": [{"task": "contrast_translation", **TRANSLATION},
+    # applies_to: {} runs the MR task on this CT, as the other surfaces do (the MAP applies the registry's rules)
+    tasks.write_text(yaml.safe_dump({"tasks": [{"task": "contrast_translation", **TRANSLATION, "applies_to": {}},
                                                {"task": "vqa", "questions": [QUESTION], "max_new_tokens": TOKENS}]}))
     out = tmp_path / "out"
     env = {**__import__("os").environ, "UNIMEDVL_TASKS": str(tasks)}

@@ -74,6 +74,20 @@ class EditingPipeline:
                                                    max_new_tokens=ANALYSIS_TOKENS)
         return instruction + EDIT_ANALYSIS_JOINER + answer.text
 
+    @torch.inference_mode()
+    def analyze_image(self, image, instruction: str) -> str:
+        """``analyze`` for an image of any size: the model sees it resized by the generator's VAE rule."""
+        resized = resize_to_rule(read_image(image).to_pil(), self.parts.config.transforms.gen_vae)
+        return self.analyze(ConditionImage(resized, torch.empty(0), (0, 0), torch.empty(0)), instruction)
+
+    @torch.inference_mode()
+    def explain(self, image, instruction: str, settings: GuidanceSettings, explain_tokens: int) -> str:
+        """The explanation an edit decodes after its target image, without making the image: nothing attends to
+        the target, so it depends only on the input (resized by the VAE rule) and the instruction."""
+        condition = self.encode_condition(image, "mean", None)
+        cond, _ = self.build_branches(condition, instruction, settings, explain_tokens)
+        return decode_text(cond, None, self.parts.tokenizer, explain_tokens).text
+
     def build_branches(self, condition: ConditionImage, instruction: str, settings: GuidanceSettings,
                        explain_tokens: int) -> tuple[Context, list[Branch]]:
         parts = self.parts

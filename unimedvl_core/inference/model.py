@@ -22,12 +22,13 @@ from typing_extensions import Unpack
 
 from ..io.medical_io import MedicalImage, read_image
 from .components import Components
-from .editing import EditingPipeline
 from .image_generation import EDITING_GUIDANCE, TEXT_TO_IMAGE_GUIDANCE, GuidanceSettings
 from .latents import OUTPUT_TYPES
 from .prompts import report_prompt, staining_instruction, super_resolution_instruction, translation_instruction
 from .text_generation import DECODING, EXPLANATION_TOKENS, TextOutput
 from .text_to_image import TextToImagePipeline
+from .tiled_editing import AnySizeEditing
+from .tiling import DEFAULT_TILE_OVERLAP, MAX_OUTPUT_SIDE, TILED, WHOLE
 from .understanding import UnderstandingPipeline
 
 __all__ = ["UniMedVL", "CounterfactualResult", "ImageInput", "OUTPUT_TYPES"]
@@ -184,9 +185,10 @@ class UniMedVL(Components):
                    generator: torch.Generator | Sequence[torch.Generator] | None = None,
                    latents: torch.Tensor | Sequence[torch.Tensor] | None = None, vae_posterior: str = "mean",
                    analyze_first: bool = False, output_type: str = "pil", progress: bool | None = None,
-                   callback: Callback | None = None, task: str = "image-to-image", batch_size: int | None = None):
-        """Image-to-image from an instruction. The output size defaults to the input resized by the
-        generator's VAE rule. Defaults follow the released editing script.
+                   callback: Callback | None = None, task: str = "image-to-image", batch_size: int | None = None,
+                   tiling: str = WHOLE, tile_overlap: float = DEFAULT_TILE_OVERLAP):
+        """Image-to-image from an instruction, at any size up to 4096 px per side (docs/tiling.md). The output
+        is ``height`` x ``width``, by default the input's size. Defaults follow the released editing script.
 
         Args:
             image, instruction: one input, or a list of images (a list of instructions, one per image, or one
@@ -199,35 +201,43 @@ class UniMedVL(Components):
             analyze_first: first let the model describe an editing strategy and append it to the
                 instruction (the editing script's describe-first variant).
             task: the task name written into the output's synthetic labels.
+            tiling: ``"whole"`` (default: the model edits the input at the size it makes, when the requested
+                size is not one, and the result is resized to it) or ``"tiled"`` (overlapping tiles of the
+                model's side, edited with noise seeded per tile from ``generator`` and blended; at most
+                ``batch_size`` tiles per forward, 8 by default). An input the model makes in one go runs as
+                before. ``latents`` fix the generation size (the output is then that size, untiled).
+            tile_overlap: fraction of the tile side that neighbouring tiles share (0 to 0.5).
         """
         settings = GuidanceSettings(num_inference_steps, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
                                     timestep_shift, cfg_renorm_type, cfg_renorm_min)
         many = isinstance(image, (list, tuple))
         if not many and latents is not None:
             latents = [latents]
-        out = EditingPipeline(self).batch(list(image) if many else [image], instruction, height, width, settings,
-                                          generator, latents, vae_posterior, analyze_first, output_type, progress,
-                                          callback, task, batch_size=batch_size)
+        out = AnySizeEditing(self).batch(list(image) if many else [image], instruction, height, width, settings,
+                                         generator, latents, vae_posterior, analyze_first, output_type, progress,
+                                         callback, task, batch_size=batch_size, tiling=tiling,
+                                         tile_overlap=tile_overlap)
         return out if many else out[0]
 
     # ----- named image-to-image tasks (``edit`` arguments pass through) -----
 
     def super_resolve(self, image: ImageInput | list[ImageInput], scale: int = 4,
-                      instruction: str | Sequence[str] | None = None, **edit_args: Unpack[EditArgs]):
-        """x2/x4 super-resolution: the input is upsampled (bicubic) to the target size, which must fit the
-        model, and the model restores detail at that size. A list of images gives a list of outputs."""
+                      instruction: str | Sequence[str] | None = None, *, tiling: str = TILED,
+                      tile_overlap: float = DEFAULT_TILE_OVERLAP, **edit_args: Unpack[EditArgs]):
+        """x2/x4 super-resolution: the input is upsampled (bicubic) to exactly ``scale`` times its size (at
+        most 4096 px per side), and the model restores detail tile by tile (``tiling="tiled"``, the default)
+        or on the whole image at its own size (``"whole"``). A list of images gives a list of outputs."""
         if scale not in (2, 4):
             raise ValueError(f"scale must be 2 or 4, got {scale}")
 
         def upsample(one: ImageInput) -> tuple[Image.Image, str | None]:
             loaded = read_image(one)
             pil = loaded.to_pil()
-            d = self.config.latent_downsample
-            target = [max(d, round(s * scale / d) * d) for s in pil.size]
-            if max(target) > self.config.max_image_side:
+            target = (pil.width * scale, pil.height * scale)
+            if max(target) > MAX_OUTPUT_SIDE:
                 raise ValueError(f"a {pil.width}x{pil.height} input upscaled {scale}x exceeds the largest output "
-                                 f"side ({self.config.max_image_side}); crop or downsample it first")
-            return pil.resize(tuple(target), Image.Resampling.BICUBIC), loaded.modality
+                                 f"side ({MAX_OUTPUT_SIDE}); crop or downsample it first")
+            return pil.resize(target, Image.Resampling.BICUBIC), loaded.modality
 
         many = isinstance(image, (list, tuple))
         inputs = [upsample(one) for one in (image if many else [image])]
@@ -235,25 +245,33 @@ class UniMedVL(Components):
         edit_args.setdefault("width", [up.width for up, _ in inputs])
         if instruction is None:
             instruction = [super_resolution_instruction(scale, modality) for _, modality in inputs]
-        out = self.edit_image([up for up, _ in inputs], instruction, task="super-resolution", **edit_args)
+        out = self.edit_image([up for up, _ in inputs], instruction, task="super-resolution", tiling=tiling,
+                              tile_overlap=tile_overlap, **edit_args)
         return out if many else out[0]
 
     def virtual_stain(self, image: ImageInput | list[ImageInput], stain: str = "IHC",
-                      instruction: str | Sequence[str] | None = None, **edit_args: Unpack[EditArgs]):
-        """Virtual staining of an H&E pathology image (to IHC by default); a list of images gives a list."""
-        return self.edit_image(image, instruction or staining_instruction(stain), task="virtual-staining", **edit_args)
+                      instruction: str | Sequence[str] | None = None, *, tiling: str = TILED,
+                      tile_overlap: float = DEFAULT_TILE_OVERLAP, **edit_args: Unpack[EditArgs]):
+        """Virtual staining of an H&E pathology image (to IHC by default), tiled by default; a list of images
+        gives a list."""
+        return self.edit_image(image, instruction or staining_instruction(stain), task="virtual-staining",
+                               tiling=tiling, tile_overlap=tile_overlap, **edit_args)
 
     def translate_contrast(self, image: ImageInput | list[ImageInput], source: str = "T2", target: str = "FLAIR",
-                           instruction: str | Sequence[str] | None = None, **edit_args: Unpack[EditArgs]):
-        """MRI contrast translation, e.g. T2 -> FLAIR or FLAIR -> T2; a list of images gives a list."""
+                           instruction: str | Sequence[str] | None = None, *, tiling: str = TILED,
+                           tile_overlap: float = DEFAULT_TILE_OVERLAP, **edit_args: Unpack[EditArgs]):
+        """MRI contrast translation, e.g. T2 -> FLAIR or FLAIR -> T2, tiled by default; a list of images gives
+        a list."""
         return self.edit_image(image, instruction or translation_instruction(source, target),
-                               task="contrast-translation", **edit_args)
+                               task="contrast-translation", tiling=tiling, tile_overlap=tile_overlap, **edit_args)
 
     def counterfactual_edit(self, image: ImageInput | list[ImageInput], instruction: str | Sequence[str],
-                            max_explanation_tokens: int = EXPLANATION_TOKENS,
+                            max_explanation_tokens: int = EXPLANATION_TOKENS, *, tiling: str = WHOLE,
+                            tile_overlap: float = DEFAULT_TILE_OVERLAP,
                             **edit_args: Unpack[EditArgs]) -> CounterfactualResult | list[CounterfactualResult]:
         """A counterfactual edit (e.g. "remove the pleural effusion") and the model's explanation text; a list
-        of images gives a list of results."""
+        of images gives a list of results. Whole-image by default (the edit needs the global context); tiled,
+        the explanation is the whole input's."""
         unknown = set(edit_args) - set(EditArgs.__annotations__)
         if unknown:
             raise TypeError(f"counterfactual_edit got unexpected arguments {sorted(unknown)}")
@@ -264,8 +282,9 @@ class UniMedVL(Components):
         many = isinstance(image, (list, tuple))
         if not many and rest.get("latents") is not None:
             rest["latents"] = [rest["latents"]]
-        out = EditingPipeline(self).batch(list(image) if many else [image], instruction,
-                                          settings=replace(EDIT, **guidance), task="counterfactual",
-                                          explain_tokens=max_explanation_tokens, **rest)
+        out = AnySizeEditing(self).batch(list(image) if many else [image], instruction,
+                                         settings=replace(EDIT, **guidance), task="counterfactual",
+                                         explain_tokens=max_explanation_tokens, tiling=tiling,
+                                         tile_overlap=tile_overlap, **rest)
         results = [CounterfactualResult(image_out, text) for image_out, text in out]
         return results if many else results[0]

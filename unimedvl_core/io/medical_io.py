@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..modeling.preprocessing import MAX_INPUT_PIXELS, to_rgb
 
@@ -221,12 +222,22 @@ def _read_dicom(path: Path, stop_before_pixels: bool = False) -> Dataset:
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=True)
             if "SOPClassUID" in ds:
-                return ds
+                return _with_transfer_syntax(ds)
         except Exception:
             pass
         raise ImageReadError(f"{path.name}: not a DICOM file ({err})") from None
     except Exception as err:  # truncated or corrupt files raise many types inside pydicom
         raise ImageReadError(f"{path.name}: unreadable DICOM ({type(err).__name__}: {err})") from None
+
+
+def _with_transfer_syntax(ds: Dataset) -> Dataset:
+    """A dataset read without file meta (no preamble) gets the transfer syntax it was read with, which
+    pixel decoding needs."""
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
 
 
 def check_declared_size(ds: Dataset, name: str) -> None:
@@ -393,11 +404,12 @@ def dicom_image_headers(folder: Path):
     """(path, header) of every DICOM image file under ``folder``; unreadable files and non-image objects
     (SR, RT structure sets, ...) are passed over with a log line naming the file only."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if not is_dicom_file(path):
+        # files without the preamble are tried when their name allows DICOM (".dcm" or no suffix)
+        if not is_dicom_file(path) and path.suffix.lower() not in (".dcm", ""):
             continue
         try:
-            header = pydicom.dcmread(str(path), stop_before_pixels=True)
-        except Exception:
+            header = _read_dicom(path, stop_before_pixels=True)
+        except ImageReadError:
             log.warning("skipping unreadable DICOM file %s", path.name)
             continue
         if "Rows" not in header:

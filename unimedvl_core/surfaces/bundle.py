@@ -19,6 +19,7 @@ from ..inference.embedded import load_model
 from ..io.medical_io import ImageReadError, dicom_image_headers, is_dicom_file, read_slices
 from ..io.outputs import write_image_outputs
 from ..io.paths import check_output_location
+from ..io.synthetic import is_own_output
 from ..tasks.catalog import TASKS
 from ..tasks.registry import Applicability, RunOptions
 
@@ -46,15 +47,18 @@ def read_lines(path: str | None) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def list_inputs(dataset_dir: str | Path) -> list[dict]:
+def list_inputs(dataset_dir: str | Path, include_synthetic: bool = False) -> list[dict]:
     """One entry per input: each DICOM series (a folder of DICOM files; several series in one folder are
-    listed apart), each NIfTI file, each PNG/JPEG/TIFF image, each single DICOM file at the top."""
+    listed apart), each NIfTI file, each PNG/JPEG/TIFF image, each single DICOM file at the top. Files this
+    project wrote (labelled synthetic) are passed over unless ``include_synthetic``."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset_dir {root} is not a folder")
+    skip = (lambda path: False) if include_synthetic else is_own_output
     items: list[dict] = []
-    series = {(path.parent, str(header.get("SeriesInstanceUID", ""))) for path, header in dicom_image_headers(root)}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    series = {(path.parent, str(header.get("SeriesInstanceUID", ""))) for path, header in dicom_image_headers(root)
+              if not skip(path)}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not skip(p)):
         if not is_dicom_file(path) and path.name.lower().endswith(_IMAGE_SUFFIXES):
             relative = str(path.relative_to(root))
             stem = relative[: -len(next(s for s in _IMAGE_SUFFIXES if relative.lower().endswith(s)))]
@@ -221,13 +225,14 @@ def _run_status(results: list[dict], errors: list[dict]) -> str:
 
 
 def task_items(task: str, dataset_dir: str, prompts: Sequence[str] | None = None,
-               prompts_file: str | None = None, output_dir: str | None = None) -> list[dict]:
+               prompts_file: str | None = None, output_dir: str | None = None,
+               include_synthetic: bool = False) -> list[dict]:
     """The bundle's datalist: the inputs in ``dataset_dir`` for tasks that take images, else one item per
     prompt. The output folder may not be, hold or lie inside the input folder (outputs never mix with inputs)."""
     if TASKS.get(task, warn=False).needs_image:
         if output_dir is not None:
             check_output_location([output_dir], [dataset_dir])
-        return list_inputs(dataset_dir)
+        return list_inputs(dataset_dir, include_synthetic)
     items = [{"prompt": p, "index": i} for i, p in enumerate(list(prompts or []) + read_lines(prompts_file))]
     if not items:
         raise ValueError(f"the {task} task needs prompts (prompts=[...] or prompts_file=...)")

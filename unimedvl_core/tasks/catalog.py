@@ -12,11 +12,12 @@ from ..inference.image_generation import EDITING_GUIDANCE, TEXT_TO_IMAGE_GUIDANC
 from ..inference.prompts import report_prompt
 from ..inference.sampling import RENORM_TYPES
 from ..inference.text_generation import DECODING, EXPLANATION_TOKENS
+from ..inference.tiling import DEFAULT_TILE_OVERLAP, TILED, TILING_MODES, WHOLE
 from ..io.medical_io import read_image
 from .params import Param
 from .registry import Applicability, Batching, RunOptions, Task, TaskRegistry, TaskResult
 
-__all__ = ["TASKS", "MAX_STEPS", "MAX_NEW_TOKENS", "MAX_TEXT_CHARS", "task_generator"]
+__all__ = ["TASKS", "MAX_STEPS", "MAX_NEW_TOKENS", "MAX_TEXT_CHARS", "TASK_TILING", "task_generator"]
 
 MAX_STEPS = 200
 MAX_NEW_TOKENS = 2048
@@ -85,6 +86,21 @@ def _editing_params() -> tuple[Param, ...]:
                   "to the instruction"))
 
 
+# How each image-to-image task handles an input the model does not make in one go (docs/tiling.md): tiles
+# for the local, pixel-aligned tasks; the whole image (resized to the model's size and back) where the
+# edit needs global context.
+TASK_TILING = {"edit": WHOLE, "super_resolution": TILED, "virtual_staining": TILED, "contrast_translation": TILED,
+               "counterfactual": WHOLE}
+
+
+def _tiling_params(task: str) -> tuple[Param, ...]:
+    return (Param("tiling", "str", TASK_TILING[task], "inputs larger than the model's side: 'tiled' (overlapping "
+                  "model-sized tiles, blended) or 'whole' (resized to the model's size and back)",
+                  choices=TILING_MODES),
+            Param("tile_overlap", "float", DEFAULT_TILE_OVERLAP, "fraction of the tile side neighbouring tiles "
+                  "share", minimum=0, maximum=0.5))
+
+
 def _decoding(p: dict, options: RunOptions) -> dict:
     return dict(max_new_tokens=p["max_new_tokens"], do_sample=p["do_sample"], temperature=p["temperature"],
                 top_p=p["top_p"], generator=task_generator(p["seed"]), streamer=options.streamer)
@@ -97,7 +113,8 @@ def _generation(p: dict, options: RunOptions) -> dict:
 
 
 def _editing(p: dict, options: RunOptions) -> dict:
-    return dict(_generation(p, options), vae_posterior=p["vae_posterior"], analyze_first=p["analyze_first"])
+    return dict(_generation(p, options), vae_posterior=p["vae_posterior"], analyze_first=p["analyze_first"],
+                tiling=p["tiling"], tile_overlap=p["tile_overlap"])
 
 
 def run_vqa(model, image, p: dict, options: RunOptions) -> TaskResult:
@@ -203,26 +220,31 @@ def _builtin_tasks() -> list[Task]:
              batching=TEXT_TO_IMAGE_BATCHING,
              examples=('unimedvl text_to_image --prompt "CT image with two lesions." --out ct.png',)),
         Task("edit", "image-to-image from an instruction", "image", "image",
-             (_text("instruction", "what to change"), *_size_params(), *_editing_params()), run_edit,
+             (_text("instruction", "what to change"), *_size_params(), *_editing_params(), *_tiling_params("edit")),
+             run_edit,
              examples=('unimedvl edit --image t2.nii.gz --instruction "..." --out out.png',)),
         Task("super_resolution", "x2/x4 super-resolution", "image", "image",
              (Param("scale", "int", 4, "upscaling factor", choices=(2, 4)), _text("instruction", _OVERRIDE, False),
-              *_editing_params()), run_super_resolution, applies=SUPER_RESOLUTION_APPLIES,
+              *_editing_params(), *_tiling_params("super_resolution")), run_super_resolution,
+             applies=SUPER_RESOLUTION_APPLIES,
              examples=("unimedvl super_resolution --image lowres.png --scale 4 --out sr.png",)),
         Task("virtual_staining", "virtual staining of an H&E pathology image", "image", "image",
              (Param("stain", "str", "IHC", "the target stain", max_length=40), _text("instruction", _OVERRIDE, False),
-              *_editing_params()), run_virtual_staining, aliases=("stain",), applies=STAINING_APPLIES,
+              *_editing_params(), *_tiling_params("virtual_staining")), run_virtual_staining, aliases=("stain",),
+             applies=STAINING_APPLIES,
              examples=("unimedvl virtual_staining --image he_patch.png --out ihc.png",)),
         Task("contrast_translation", "MRI contrast translation (e.g. T2 to FLAIR)", "image", "image",
              (Param("source", "str", "T2", "the input's contrast", max_length=40),
               Param("target", "str", "FLAIR", "the contrast to make", max_length=40),
-              _text("instruction", _OVERRIDE, False), *_editing_params()), run_contrast_translation,
+              _text("instruction", _OVERRIDE, False), *_editing_params(), *_tiling_params("contrast_translation")),
+             run_contrast_translation,
              aliases=("translate",), applies=TRANSLATION_APPLIES,
              examples=("unimedvl contrast_translation --image t2.dcm --source T2 --target FLAIR --out flair.png",)),
         Task("counterfactual", "a counterfactual edit and the model's explanation", "image", "image",
              (_text("instruction", "the counterfactual change"),
               Param("max_explanation_tokens", "int", EXPLANATION_TOKENS, "most tokens of the explanation",
-                    minimum=1, maximum=MAX_NEW_TOKENS), *_editing_params()), run_counterfactual,
+                    minimum=1, maximum=MAX_NEW_TOKENS), *_editing_params(), *_tiling_params("counterfactual")),
+             run_counterfactual,
              applies=COUNTERFACTUAL_APPLIES,
              examples=('unimedvl counterfactual --image cxr.dcm --instruction "Remove the effusion." --out cf.png',)),
     ]

@@ -7,13 +7,19 @@ the task registry (``unimedvl tasks`` lists every task, parameter, default and l
     tasks:                                   # each: a registry task name and any of its parameters
       - {task: vqa, questions: ["Is there a pleural effusion?"]}     # list form: once per question
       - {task: report}
-      - {task: super_resolution, scale: 2}
+      - {task: super_resolution, scale: 2, applies_to: {modalities: [CT, MR], max_side: 512}}
       - {task: contrast_translation, source: T2, target: FLAIR}
       - {task: counterfactual, instruction: "Remove the effusion."}
       - {task: text_to_image, prompts: ["..."]}   # only when asked for
     num_inference_steps: 49                  # a task parameter at the top applies to every task that has it
     seed: 0
     device: null                             # cuda when available, else cpu
+    allow_demo_model: false                  # with no model folder, run the embedded phantom demonstration model
+    include_synthetic_inputs: false          # read images this application made (skipped by default)
+
+``applies_to`` (any task) replaces the registry's rules of where the task applies (``Task.applies``:
+modalities, largest input side); where it does not apply the run records "not applicable" with the reason.
+``applies_to: {}`` applies the task everywhere.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 import yaml
 
 from ...tasks.catalog import TASKS
+from ...tasks.registry import Applicability
 
 __all__ = ["TaskSpec", "DeployConfig", "load_deploy_config", "parse_task", "DEFAULT_SELECTION"]
 
@@ -35,17 +42,24 @@ DEFAULT_SELECTION = {"selections": [{
     "conditions": {"Modality": "(?i)^(CT|MR|CR|DX|DR|MG|US|XA|RF|PT|NM|SM|OT|XC|ES|GM|OP|IO|PX|RG)$"},
 }]}
 
-SETTINGS = ("tasks", "series_selection", "slices", "window", "device")
+SETTINGS = ("tasks", "series_selection", "slices", "window", "device", "allow_demo_model",
+            "include_synthetic_inputs")
 
 
 @dataclass
 class TaskSpec:
     """One entry of the task file: a registry task, its parameters, and the values of its repeatable
-    parameter (e.g. the questions of VQA) when given as a list."""
+    parameter (e.g. the questions of VQA) when given as a list, and where it applies (``None``: the registry's
+    rules)."""
 
     task: str
     params: dict = field(default_factory=dict)
     repeat: tuple[str, list] | None = None
+    rules: Applicability | None = None
+
+    def not_applicable(self, image) -> str | None:
+        """Why this entry does not apply to ``image`` (a ``MedicalImage``), or ``None``."""
+        return TASKS.get(self.task, warn=False).not_applicable(image, self.rules)
 
     def runs(self) -> list[dict]:
         """The parameters of each run: one per value of the repeated parameter."""
@@ -62,6 +76,7 @@ def parse_task(entry: dict, defaults: dict | None = None) -> TaskSpec:
         raise ValueError(f"each task needs a 'task' name, got {entry!r}")
     entry = dict(entry)
     task = TASKS.get(entry.pop("task"))
+    rules = _rules(task.name, entry.pop("applies_to", None))
     repeat = None
     for plural, param in task.plural_params().items():
         if plural in entry:
@@ -71,13 +86,29 @@ def parse_task(entry: dict, defaults: dict | None = None) -> TaskSpec:
             repeat = (param.name, values)
     names = {p.name for p in task.params}
     params = {**{k: v for k, v in (defaults or {}).items() if k in names}, **entry}
-    spec = TaskSpec(task.name, params, repeat)
+    spec = TaskSpec(task.name, params, repeat, rules)
     try:
         for run in spec.runs():
             task.resolve(run)
     except ValueError as err:
         raise ValueError(f"task {task.name}: {err}") from None
     return spec
+
+
+def _rules(task: str, data: Any) -> Applicability | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError(f"task {task}: applies_to must be a mapping of modalities and/or max_side, got {data!r}")
+    side, modalities = data.get("max_side"), data.get("modalities")
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
+        raise ValueError(f"task {task}: applies_to.max_side must be a positive integer, got {side!r}")
+    if modalities is not None and not isinstance(modalities, list):
+        raise ValueError(f"task {task}: applies_to.modalities must be a list, got {modalities!r}")
+    try:
+        return Applicability.from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"task {task}: {err}") from None
 
 
 @dataclass
@@ -87,6 +118,13 @@ class DeployConfig:
     slices: Any = "key"
     window: Any = None
     device: str | None = None
+    allow_demo_model: bool = False
+    include_synthetic_inputs: bool = False
+
+    def __post_init__(self):
+        for name in ("allow_demo_model", "include_synthetic_inputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def slice_mode(self) -> tuple[str, int | None, int | None]:
@@ -102,7 +140,11 @@ def load_deploy_config(path: str | Path) -> DeployConfig:
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                         f"{' '.join(str(err).split())}") from None
     if not isinstance(data, dict) or not data.get("tasks"):
         raise ValueError(f"{path}: needs a 'tasks' list")
     parameter_names = {p.name for task in TASKS for p in task.params}

@@ -3,18 +3,24 @@
     ValidateDICOMInputOperator -> DICOMDataLoaderOperator -> DICOMSeriesSelectorOperator
         -> SliceSelectionOperator -> UniMedVLTaskOperator -> UniMedVLWriterOperator
 
-Outputs are written into a temporary folder inside the output folder and moved into place only when all
-of them are written, so a failed run leaves no partial output.
+Every task on every slice ends as done, failed or not applicable, each with its reason; one task failing
+never stops the others. No operator raises into the Holoscan graph: an unexpected error is recorded in the
+shared ``RunOutcome`` (the application's exit status is decided from it) and the operator emits nothing.
+Outputs are written into a temporary folder inside the output folder and moved into place only when all of
+them are written; a study where no series could be read writes nothing.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
+import inspect
 import json
 import logging
 import os
 import shutil
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +35,51 @@ from ...io.medical_io import MedicalImage, _slice_sort_key, read_slices
 from ...io.synthetic import save_png
 from ...tasks.catalog import TASKS
 from .config import DeployConfig, TaskSpec
-from .inputs import scan_dicom_folder, stage_usable_files
+from .inputs import InputScan, scan_dicom_folder, stage_usable_files
 
 __all__ = ["ValidateDICOMInputOperator", "SliceSelectionOperator", "UniMedVLTaskOperator", "UniMedVLWriterOperator",
-           "SeriesSlices", "SeriesResults"]
+           "SeriesSlices", "SeriesResults", "RunOutcome", "DEMO_NOTICE"]
 
 log = logging.getLogger(__name__)
+
+DEMO_NOTICE = ("Made by the embedded phantom-only demonstration model (trained on procedural phantoms, not on "
+               "patient images): the content is a software demonstration, not an interpretation of this study.")
+
+
+@dataclass
+class RunOutcome:
+    """What the run came to, shared by the operators and read by the application's ``main`` afterwards."""
+
+    error: str | None = None                # an unexpected error (exit status 1)
+    error_trace: str | None = None
+    rejected: str | None = None             # nothing could be read (exit status 2)
+    summary: dict | None = None             # as written to summary.json
+    failed_series: list[dict] = field(default_factory=list)
+
+    def record_error(self, where: str, err: BaseException) -> None:
+        if self.error is None:
+            self.error = f"{where}: {type(err).__name__}: {err}"
+            self.error_trace = traceback.format_exc()
+        log.error("internal error in %s: %s: %s", where, type(err).__name__, err)
+
+
+def guarded(compute):
+    """Record an error raised in an operator's ``compute`` in its ``outcome`` instead of raising it into the
+    graph (where it would end in a GXF error log and a traceback)."""
+
+    @functools.wraps(compute)
+    def wrapper(self, op_input, op_output, context):
+        try:
+            compute(self, op_input, op_output, context)
+        except Exception as err:
+            self.outcome.record_error(type(self).__name__, err)
+
+    return wrapper
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
 
 
 @dataclass
@@ -51,36 +96,54 @@ class SeriesResults:
     series: SeriesSlices
     texts: list[dict] = field(default_factory=list)      # {"task", "slice", "input" (e.g. the question), "text"}
     images: list[dict] = field(default_factory=list)     # {"task", "slice", "image", "source", "explanation", ...}
+    runs: list[dict] = field(default_factory=list)       # {"task", "slice", "input", "status", "reason"}
+
+    def record(self, task: str, slice_: int | None, value: Any, status: str, reason: str | None = None) -> None:
+        self.runs.append({"task": task, "slice": slice_, "input": value, "status": status, "reason": reason})
+        if status != "done":
+            log.warning("series %s, task %s, slice %s: %s: %s", self.series.series_uid, task, slice_,
+                        status.replace("_", " "), reason)
+
+    def notes(self) -> list[str]:
+        """One line per task run that did not produce its result, for the SR."""
+        return [f"{r['task']}" + (f" (slice {r['slice']})" if r["slice"] is not None else "")
+                + (f" [{r['input']}]" if r["input"] is not None else "")
+                + f": {r['status'].replace('_', ' ')}: {r['reason']}" for r in self.runs if r["status"] != "done"]
 
 
 class ValidateDICOMInputOperator(Operator):
-    """Scans the input folder (``unimedvl_core.surfaces.deploy.inputs``) and hands the SDK loader a folder of the
-    usable files only; an input with nothing usable stops the application with a clear error."""
+    """Hands the SDK loader a folder of the usable files only (``unimedvl_core.surfaces.deploy.inputs``); the
+    application's ``main`` scans the input before the graph runs and passes the scan in."""
 
-    def __init__(self, fragment: Fragment, *args, input_folder: str | Path, staging_folder: str | Path, **kwargs):
-        self.input_folder, self.staging_folder = Path(input_folder), Path(staging_folder)
+    def __init__(self, fragment: Fragment, *args, input_folder: str | Path, staging_folder: str | Path,
+                 scan: InputScan | None = None, outcome: RunOutcome | None = None, **kwargs):
+        self.input_folder, self.staging_folder, self.scan = Path(input_folder), Path(staging_folder), scan
+        self.outcome = outcome or RunOutcome()
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
         spec.output("input_folder")
         spec.output("input_report")
 
+    @guarded
     def compute(self, op_input, op_output, context):
-        scan = scan_dicom_folder(self.input_folder)
+        scan = self.scan or scan_dicom_folder(self.input_folder)
         op_output.emit(stage_usable_files(scan, self.staging_folder), "input_folder")
-        op_output.emit(scan.summary(), "input_report")
+        op_output.emit({"folder": str(self.input_folder), **scan.summary()}, "input_report")
 
 
 class SliceSelectionOperator(Operator):
     """Selected series -> the slices to run on: the key slice (middle), all slices, or a range
-    [start, stop) in patient order; multi-frame instances count their frames as slices."""
+    [start, stop) in patient order; multi-frame instances count their frames as slices. A series that cannot
+    be read is recorded as failed; the others go on."""
 
     def __init__(self, fragment: Fragment, *args, mode: str = "key", start: int | None = None,
-                 stop: int | None = None, window: Any = None, **kwargs):
+                 stop: int | None = None, window: Any = None, outcome: RunOutcome | None = None, **kwargs):
         if mode not in ("key", "all", "range"):
             raise ValueError(f"slice mode must be key, all or range, got {mode!r}")
         # (start/stop would shadow the operator's own start()/stop() methods)
         self.slice_mode, self.range_start, self.range_stop, self.window = mode, start, stop, window
+        self.outcome = outcome or RunOutcome()
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
@@ -108,32 +171,39 @@ class SliceSelectionOperator(Operator):
             out.append(image)
         return out
 
+    def _series_slices(self, selected_series) -> SeriesSlices | None:
+        series = selected_series.series
+        uid, modality = str(series.SeriesInstanceUID), str(getattr(series, "Modality", "") or "")
+        try:
+            slices = self.select([i.get_native_sop_instance() for i in series.get_sop_instances()])
+        except Exception as err:  # an image our reader cannot turn into slices: this series only fails
+            self.outcome.failed_series.append({"series_instance_uid": uid, "modality": modality,
+                                               "reason": f"could not be read: {_reason(err)}"})
+            log.warning("series %s could not be read: %s", uid, _reason(err))
+            return None
+        if not slices:
+            self.outcome.failed_series.append({"series_instance_uid": uid, "modality": modality,
+                                               "reason": "no slice in the requested range"})
+            return None
+        return SeriesSlices(uid, str(getattr(series, "SeriesDescription", "") or ""), modality,
+                            selected_series.selection_name, slices)
+
+    @guarded
     def compute(self, op_input, op_output, context):
         selected = op_input.receive("study_selected_series_list") or []
-        result = []
-        for study_selected in selected:
-            for selected_series in study_selected.selected_series:
-                series = selected_series.series
-                datasets = [i.get_native_sop_instance() for i in series.get_sop_instances()]
-                slices = self.select(datasets)
-                if not slices:
-                    log.warning("series %s: no slice in the requested range", series.SeriesInstanceUID)
-                    continue
-                result.append(SeriesSlices(str(series.SeriesInstanceUID),
-                                           str(getattr(series, "SeriesDescription", "")),
-                                           str(getattr(series, "Modality", "")), selected_series.selection_name,
-                                           slices))
-        if not result:
-            raise ValueError("no supported image series in the input (see the series selection rules)")
+        result = [s for study in selected for item in study.selected_series
+                  if (s := self._series_slices(item)) is not None]
         op_output.emit(result, "series_slices")
 
 
 class UniMedVLTaskOperator(Operator):
-    """Runs the configured tasks on every selected slice with one model, loaded once."""
+    """Runs the configured tasks on every selected slice with one model. Each run is recorded as done, failed
+    (the error, the other runs go on) or not applicable (the task's rules, ``TaskSpec.not_applicable``)."""
 
-    def __init__(self, fragment: Fragment, *args, config: DeployConfig, model_path: str | None = None, **kwargs):
-        self.deploy_config, self.model_path = config, model_path
-        self._model = None
+    def __init__(self, fragment: Fragment, *args, config: DeployConfig, model=None, model_path: str | None = None,
+                 outcome: RunOutcome | None = None, **kwargs):
+        self.deploy_config, self.model_path, self._model = config, model_path, model
+        self.outcome = outcome or RunOutcome()
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
@@ -144,26 +214,35 @@ class UniMedVLTaskOperator(Operator):
         if self._model is None:
             from ...inference.embedded import load_model
 
-            path = self.model_path if self.model_path and Path(self.model_path, "llm_config.json").is_file() else None
-            if self.model_path and path is None:
-                log.info("no checkpoint in the model folder; using the embedded default model")
-            self._model = load_model(path, device=self.deploy_config.device, progress=False)
-            self._model.progress = False
+            self._model = load_model(self.model_path, device=self.deploy_config.device, progress=False)
+        self._model.progress = False
         return self._model
 
     def run_task(self, spec: TaskSpec, src: MedicalImage, k: int, results: SeriesResults) -> None:
         """Every run of one task-file entry on one slice (``k``-th of the series), through the registry."""
         task, model = TASKS.get(spec.task, warn=False), self.load_model()
+        slice_ = src.frame if task.needs_image else None
         for params in spec.runs():
             value = params.get(spec.repeat[0]) if spec.repeat else None
-            result = task.run(model, src if task.needs_image else None, task.item_params(params, k))
-            record = {"task": task.name, "slice": src.frame if task.needs_image else None}
+            reason = spec.not_applicable(src) if task.needs_image else None
+            if reason:
+                results.record(task.name, slice_, value, "not_applicable", reason)
+                continue
+            try:
+                result = task.run(model, src if task.needs_image else None, task.item_params(params, k))
+            except Exception as err:  # this run fails; the other tasks and slices go on
+                results.record(task.name, slice_, value, "failed", _reason(err))
+                log.debug("task %s failed", task.name, exc_info=True)
+                continue
+            record = {"task": task.name, "slice": slice_}
             if task.returns == "text":
                 results.texts.append({**record, "input": value, "text": result.text})
             else:
                 results.images.append({**record, "source": src, "image": result.image, "explanation": result.text,
                                        "input": value, "from_source": task.needs_image})
+            results.record(task.name, slice_, value, "done")
 
+    @guarded
     def compute(self, op_input, op_output, context):
         all_results = []
         for series in op_input.receive("series_slices"):
@@ -178,25 +257,44 @@ class UniMedVLTaskOperator(Operator):
         op_output.emit(all_results, "results")
 
 
-class UniMedVLWriterOperator(Operator):
-    """Writes every result as DICOM (a Comprehensive SR per series for the text, a new derived series per
-    image task), a PNG preview of each image, and ``summary.json``; all-or-nothing."""
+def _accepts(function, name: str) -> bool:
+    return name in inspect.signature(function).parameters
 
-    def __init__(self, fragment: Fragment, *args, output_folder: str | Path, model_name_getter=None, **kwargs):
-        self.output_folder = Path(output_folder)
-        self.model_name_getter = model_name_getter
+
+class UniMedVLWriterOperator(Operator):
+    """Writes every result as DICOM (a Comprehensive SR per series for the text and the notes of task runs
+    that failed or did not apply, a new derived series per image task), a PNG preview of each image, and
+    ``summary.json``; all-or-nothing per run. Nothing is written when no series could be read."""
+
+    def __init__(self, fragment: Fragment, *args, output_folder: str | Path, model_getter=None,
+                 outcome: RunOutcome | None = None, **kwargs):
+        self.output_folder, self.model_getter = Path(output_folder), model_getter
+        self.outcome = outcome or RunOutcome()
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
         spec.input("results")
         spec.input("input_report").condition(ConditionType.NONE)
 
+    @guarded
     def compute(self, op_input, op_output, context):
         results: list[SeriesResults] = op_input.receive("results")
         report = op_input.receive("input_report")
         self.write(results, report if isinstance(report, dict) else {})
 
-    def write(self, results: list[SeriesResults], input_report: dict) -> Path:
+    @property
+    def provenance(self):
+        model = self.model_getter() if self.model_getter else None
+        return getattr(model, "provenance", None)
+
+    def write(self, results: list[SeriesResults], input_report: dict) -> Path | None:
+        if not results:
+            reasons = "; ".join(f["reason"] for f in self.outcome.failed_series[:3])
+            self.outcome.rejected = ("no series could be read" + (f" ({reasons})" if reasons else
+                                     " (no image series matched the series selection rules)"))
+            self.outcome.summary = self._summary([], input_report, "rejected")
+            log.error("nothing written: %s", self.outcome.rejected)
+            return None
         self.output_folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".unimedvl-", dir=self.output_folder))
         try:
@@ -210,56 +308,95 @@ class UniMedVLWriterOperator(Operator):
                 os.replace(item, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.info("wrote %d series of results to %s", len(summary["series"]), self.output_folder)
+        self.outcome.summary = summary
+        log.info("wrote %d series of results to %s (%s)", len(summary["series"]), self.output_folder,
+                 summary["status"])
         return self.output_folder
 
+    def _summary(self, entries: list[dict], input_report: dict, status: str | None = None) -> dict:
+        provenance = self.provenance
+        model = None
+        if provenance is not None:
+            model = {**provenance.to_dict(), **({"notice": DEMO_NOTICE} if provenance.demo else {})}
+        failed = any(r["status"] == "failed" for e in entries for r in e["tasks"]) or self.outcome.failed_series
+        status = status or ("partial" if failed else "complete")
+        return {"application": "UniMedVL", "version": __version__, "status": status,
+                "reason": self.outcome.rejected if status == "rejected" else
+                ("some tasks or series failed; see tasks and failed_series" if status == "partial" else None),
+                "model": model, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                "input": input_report, "series": entries, "failed_series": list(self.outcome.failed_series),
+                "synthetic_images_labelled": True}
+
     def _write_into(self, out: Path, results: list[SeriesResults], input_report: dict) -> dict:
-        summary = {"application": "UniMedVL", "version": __version__,
-                   "model": self.model_name_getter() if self.model_name_getter else None,
-                   "created": datetime.datetime.now().isoformat(timespec="seconds"), "input": input_report,
-                   "series": [], "synthetic_images_labelled": True}
-        series_number = 9900
+        entries, series_number = [], 9900
         for res in results:
             entry = {"series_instance_uid": res.series.series_uid, "modality": res.series.modality,
                      "selection": res.series.selection, "slices": [s.frame for s in res.series.slices],
-                     "texts": res.texts, "outputs": []}
-            if res.texts:
+                     "texts": res.texts, "tasks": res.runs, "outputs": []}
+            if res.texts or res.notes():
                 series_number += 1
-                # answers to a given input (a question) are findings; free text (a report) is the report
-                findings = [f"Slice {t['slice']}: Q: {t['input']} A: {t['text']}" if t["input"] is not None
-                            else None for t in res.texts]
-                reports = [f"Slice {t['slice']}: {t['text']}" for t in res.texts if t["input"] is None]
-                evidence = _unique_datasets(res.series.slices)
-                sr = report_sr(evidence, [f for f in findings if f], "\n".join(reports) or None, generate_uid(),
-                               series_number)
-                path = write_dicom(sr, out / "dicom" / f"sr_{res.series.series_uid[-12:]}.dcm")
-                entry["outputs"].append({"kind": "sr", "file": str(path.relative_to(out))})
+                entry["outputs"].append(self._write_sr(out, res, series_number))
             by_task: dict[str, list[dict]] = {}
             for image in res.images:
                 by_task.setdefault(image["task"], []).append(image)
             for task, images in by_task.items():
                 series_number += 1
-                series_uid = generate_uid()
-                for n, item in enumerate(images, start=1):
-                    pixels = np.asarray(item["image"].convert("RGB"))
-                    description = item["image"].info.get("Description", task)
-                    # an image made from text joins the study but claims neither geometry nor a source image
-                    ds = derived_image(pixels, item["source"], task, description, series_uid, series_number, n,
-                                       from_source=item["from_source"])
-                    stem = f"{task}_{res.series.series_uid[-12:]}_{n:04d}"
-                    dcm = write_dicom(ds, out / "dicom" / f"{stem}.dcm")
-                    png = save_png(item["image"], out / "png" / f"{stem}.png")
-                    record = {"kind": "image", "task": task, "slice": item["slice"], "file": str(dcm.relative_to(out)),
-                              "preview": str(png.relative_to(out)), "sop_class": str(ds.SOPClassUID.name),
-                              "series_instance_uid": series_uid, "synthetic": True}
-                    if item["explanation"] is not None:
-                        record["explanation"] = item["explanation"]
-                    if item["input"] is not None:
-                        record["input"] = item["input"]
-                    entry["outputs"].append(record)
-            summary["series"].append(entry)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                entry["outputs"] += self._write_images(out, res, task, images, series_number)
+            entries.append(entry)
+        summary = self._summary(entries, input_report)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
+
+    def _write_sr(self, out: Path, res: SeriesResults, series_number: int) -> dict:
+        """The series' Comprehensive SR: answers to a given input (a question) are findings, free text (a
+        report) the report, and every run without its result a note with the reason, as are the weights."""
+        findings = [_at(t["slice"], f"Q: {t['input']} A: {t['text']}") for t in res.texts if t["input"] is not None]
+        reports = [_at(t["slice"], t["text"]) for t in res.texts if t["input"] is None]
+        notes = [f"Not done: {n}" for n in res.notes()]
+        provenance = self.provenance
+        kwargs = {}
+        if provenance is not None and _accepts(report_sr, "provenance"):
+            kwargs["provenance"] = provenance
+        elif provenance is not None:  # the SR writer does not take provenance yet: name the weights as text
+            notes.append(f"Model weights: {provenance.short}")
+            if provenance.demo:
+                notes.append(DEMO_NOTICE)
+        if _accepts(report_sr, "notes"):
+            kwargs["notes"] = notes
+        else:
+            findings += notes
+        sr = report_sr(_unique_datasets(res.series.slices), findings, "\n".join(reports) or None, generate_uid(),
+                       series_number, **kwargs)
+        path = write_dicom(sr, out / "dicom" / f"sr_{res.series.series_uid[-12:]}.dcm")
+        return {"kind": "sr", "file": str(path.relative_to(out))}
+
+    def _write_images(self, out: Path, res: SeriesResults, task: str, images: list[dict],
+                      series_number: int) -> list[dict]:
+        series_uid, records = generate_uid(), []
+        provenance = self.provenance
+        extra = {"provenance": provenance} if provenance is not None and _accepts(derived_image, "provenance") else {}
+        for n, item in enumerate(images, start=1):
+            pixels = np.asarray(item["image"].convert("RGB"))
+            description = item["image"].info.get("Description", task)
+            # an image made from text joins the study but claims neither geometry nor a source image
+            ds = derived_image(pixels, item["source"], task, description, series_uid, series_number, n,
+                               from_source=item["from_source"], **extra)
+            stem = f"{task}_{res.series.series_uid[-12:]}_{n:04d}"
+            dcm = write_dicom(ds, out / "dicom" / f"{stem}.dcm")
+            png = save_png(item["image"], out / "png" / f"{stem}.png")
+            record = {"kind": "image", "task": task, "slice": item["slice"], "file": str(dcm.relative_to(out)),
+                      "preview": str(png.relative_to(out)), "sop_class": str(ds.SOPClassUID.name),
+                      "series_instance_uid": series_uid, "synthetic": True}
+            for key in ("explanation", "input"):
+                if item[key] is not None:
+                    record[key] = item[key]
+            records.append(record)
+        return records
+
+def _at(slice_: int | None, text: str) -> str:
+    """Model text for the SR, prefixed with its slice; tabs (not allowed in UT) become spaces."""
+    text = str(text).replace("\t", " ")
+    return f"Slice {slice_}: {text}" if slice_ is not None else text
 
 
 def _unique_datasets(slices: list[MedicalImage]) -> list:

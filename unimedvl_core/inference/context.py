@@ -111,5 +111,4 @@ class Context:
 
 def image_routing(num_tokens: int, device) -> ExpertRouting:
     """Markers on the understanding expert, the latent tokens between them on the generation expert."""
-    return ExpertRouting(und=torch.tensor([0, num_tokens + 1], device=device),
-                         gen=torch.arange(1, num_tokens + 1, device=device))
+    return ExpertRouting.image_block(num_tokens, device)

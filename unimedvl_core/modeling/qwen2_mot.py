@@ -36,10 +36,20 @@ class ExpertRouting:
 
     und: torch.Tensor | None = None
     gen: torch.Tensor | None = None
+    # An image block (marker, latent tokens, marker): generation rows are the slice start:stop, the
+    # understanding rows the two ends, so rows are sliced, not gathered and scattered.
+    gen_block: tuple[int, int] | None = None
 
     @classmethod
     def understanding(cls) -> "ExpertRouting":
         return cls()
+
+    @classmethod
+    def image_block(cls, num_tokens: int, device=None) -> "ExpertRouting":
+        """``<|vision_start|>`` on the understanding expert, ``num_tokens`` latent tokens on the generation
+        expert, ``<|vision_end|>`` on the understanding expert."""
+        return cls(und=torch.tensor([0, num_tokens + 1], device=device),
+                   gen=torch.arange(1, num_tokens + 1, device=device), gen_block=(1, num_tokens + 1))
 
     @classmethod
     def from_gen_mask(cls, gen_mask: torch.Tensor) -> "ExpertRouting":
@@ -51,6 +61,11 @@ class ExpertRouting:
         """Run ``und_fn`` on understanding rows and ``gen_fn`` on generation rows of x (rows = dim 1)."""
         if self.gen is None:
             return und_fn(x)
+        if self.gen_block is not None and x.shape[1] == self.gen_block[1] + 1:
+            start, stop = self.gen_block
+            gen_out = gen_fn(x[:, start:stop])
+            und_out = und_fn(torch.cat([x[:, :start], x[:, stop:]], dim=1)).to(gen_out.dtype)
+            return torch.cat([und_out[:, :start], gen_out, und_out[:, start:]], dim=1)
         gen, und = self.gen.to(x.device), self.und.to(x.device)  # no-ops unless layers sit on several devices
         gen_out = gen_fn(x[:, gen])
         und_out = und_fn(x[:, und])

@@ -44,10 +44,16 @@ from .tiling import (
     whole_generation_size,
 )
 
-__all__ = ["AnySizeEditing", "DEFAULT_TILE_BATCH"]
+__all__ = ["AnySizeEditing", "tiles_per_forward"]
 
-# Tiles per forward unless ``batch_size`` says otherwise (bounds memory for large images).
-DEFAULT_TILE_BATCH = 8
+# Tiles per forward unless ``batch_size`` says otherwise: as many as keep a forward within this many latent
+# tokens (memory), at most MAX_TILE_BATCH (beyond it a CPU gains nothing). 2 tiles of 1024 px; 16 of 64 px.
+TILE_TOKEN_BUDGET = 8192
+MAX_TILE_BATCH = 16
+
+
+def tiles_per_forward(tile: int, multiple: int) -> int:
+    return max(1, min(MAX_TILE_BATCH, TILE_TOKEN_BUDGET // (tile // multiple) ** 2))
 
 
 @dataclass
@@ -117,6 +123,10 @@ class AnySizeEditing:
         cfg = self.parts.config
         trained = max(cfg.default_generation_size)
         return tile_side(min(cfg.max_image_side, trained), cfg.transforms.gen_vae, cfg.latent_downsample)
+
+    @property
+    def tiles_per_forward(self) -> int:
+        return tiles_per_forward(self.tile, self.parts.config.latent_downsample)
 
     def _latent_size(self, latents, height, width, source) -> tuple[int, int]:
         down = self.parts.config.vae.downsample
@@ -200,7 +210,7 @@ class AnySizeEditing:
         if args.analyze_first:
             instruction = self.pipeline.analyze_image(whole, instruction)
         boxes, blender = job.grid.boxes(), Blender(job.grid)
-        chunk = args.batch_size or DEFAULT_TILE_BATCH
+        chunk = args.batch_size or self.tiles_per_forward
         width, height = job.grid.tile_size
         for start in range(0, len(boxes), chunk):
             index = range(start, min(start + chunk, len(boxes)))
@@ -226,7 +236,7 @@ class AnySizeEditing:
             total += len(batch_groups(stretch, args.batch_size)) if stretch else 0
             stretch = []
             if job is not None:
-                total += -(-len(job.grid) // (args.batch_size or DEFAULT_TILE_BATCH))
+                total += -(-len(job.grid) // (args.batch_size or self.tiles_per_forward))
         return total * args.settings.num_inference_steps
 
     def batch(self, images: list, instructions, height=None, width=None, settings: GuidanceSettings = EDITING_GUIDANCE,

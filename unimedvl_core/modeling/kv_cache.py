@@ -62,10 +62,11 @@ class KVCache:
         if all(n == lens[0] for n in lens):
             kbuf[:rows, :, lens[0]:lens[0] + q] = k
             vbuf[:rows, :, lens[0]:lens[0] + q] = v
-        else:
-            for b, n in enumerate(lens):
-                kbuf[b, :, n:n + q] = k[b]
-                vbuf[b, :, n:n + q] = v[b]
+        else:  # one scatter for all rows, each at its own length
+            slots = torch.tensor(lens, device=k.device)[:, None] + torch.arange(q, device=k.device)[None, :]
+            index = slots[:, None, :, None].expand(rows, k.shape[1], q, k.shape[3])
+            kbuf[:rows].scatter_(2, index, k)
+            vbuf[:rows].scatter_(2, index, v)
         end = max(lens) + q
         return kbuf[:rows, :, :end], vbuf[:rows, :, :end]
 

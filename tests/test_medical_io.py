@@ -200,3 +200,14 @@ def test_arrays_and_pil_images():
     with pytest.raises(ImageReadError, match="not an image"):
         read_image(np.zeros((2, 3, 4, 5, 6)))
     assert read_image(Image.new("L", (10, 12), 7)).pixels.shape == (12, 10, 3)
+
+
+def test_repr_never_shows_patient_attributes():
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientName, ds.PatientID = "DOE^JANE^SECRET", "MRN-4242"
+    image = read_image(ds)
+    shown = repr(image) + str(image)
+    assert "SECRET" not in shown and "MRN-4242" not in shown and "CT" in shown

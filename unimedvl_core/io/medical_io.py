@@ -66,9 +66,9 @@ class MedicalImage:
         geometry: spatial metadata of the slice when known (``pixel_spacing``, ``affine`` for NIfTI).
     """
 
-    pixels: np.ndarray
+    pixels: np.ndarray = field(repr=False)
     source: str
-    dataset: Dataset | None = None
+    dataset: Dataset | None = field(default=None, repr=False)  # the header holds patient identity: never shown
     frame: int | None = None
     num_frames: int = 1
     modality: str | None = None
@@ -78,6 +78,10 @@ class MedicalImage:
 
     def to_pil(self) -> Image.Image:
         return Image.fromarray(self.pixels)
+
+    def __repr__(self) -> str:
+        return (f"MedicalImage({self.source}, {self.size[0]}x{self.size[1]}, modality={self.modality}, "
+                f"frame={self.frame}/{self.num_frames}, dicom={self.dataset is not None})")
 
     @property
     def size(self) -> tuple[int, int]:

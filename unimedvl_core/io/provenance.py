@@ -8,7 +8,12 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["Provenance", "file_sha256"]
+__all__ = ["Provenance", "file_sha256", "DEMO_NOTICE"]
+
+# Said once with every answer or output of the embedded model (stderr line, JSON field, SR text, UI).
+DEMO_NOTICE = ("Made by the embedded phantom-only demonstration model (trained on procedural phantoms, not on "
+               "patient images): a software demonstration, not an interpretation of a real image; load the "
+               "released UniMedVL checkpoint for real work.")
 
 _CHUNK = 16 * 2**20
 
@@ -45,9 +50,15 @@ class Provenance:
         digest = self.sha256
         return f"{self.name} ({Path(self.weights_file).name}" + (f" sha256:{digest[:12]})" if digest else ")")
 
+    @property
+    def notice(self) -> str | None:
+        """The one-line warning every surface shows with a demonstration model's outputs; None otherwise."""
+        return DEMO_NOTICE if self.demo else None
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out.pop("_sha256")
         out["weights_file"] = Path(self.weights_file).name if self.weights_file else None
         out["sha256"] = self.sha256
+        out["notice"] = self.notice
         return out

@@ -32,19 +32,16 @@ from pydicom.uid import generate_uid
 from ... import __version__
 from ...io.dicom_output import derived_image, report_sr, write_dicom
 from ...io.medical_io import MedicalImage, _slice_sort_key, read_slices
+from ...io.provenance import DEMO_NOTICE
 from ...io.synthetic import save_png
 from ...tasks.catalog import TASKS
 from .config import DeployConfig, TaskSpec
 from .inputs import InputScan, scan_dicom_folder, stage_usable_files
 
 __all__ = ["ValidateDICOMInputOperator", "SliceSelectionOperator", "UniMedVLTaskOperator", "UniMedVLWriterOperator",
-           "SeriesSlices", "SeriesResults", "RunOutcome", "DEMO_NOTICE"]
+           "SeriesSlices", "SeriesResults", "RunOutcome"]
 
 log = logging.getLogger(__name__)
-
-DEMO_NOTICE = ("Made by the embedded phantom-only demonstration model (trained on procedural phantoms, not on "
-               "patient images): the content is a software demonstration, not an interpretation of this study.")
-
 
 @dataclass
 class RunOutcome:
@@ -317,7 +314,7 @@ class UniMedVLWriterOperator(Operator):
         provenance = self.provenance
         model = None
         if provenance is not None:
-            model = {**provenance.to_dict(), **({"notice": DEMO_NOTICE} if provenance.demo else {})}
+            model = provenance.to_dict()
         failed = any(r["status"] == "failed" for e in entries for r in e["tasks"]) or self.outcome.failed_series
         status = status or ("partial" if failed else "complete")
         return {"application": "UniMedVL", "version": __version__, "status": status,

@@ -27,6 +27,9 @@ from ..modeling.config import UniMedVLConfig
 from ..modeling.tokenizer import SpecialTokenIds, load_tokenizer
 from ..modeling.unimedvl import UniMedVLModel
 from ..modeling.vae import build_vae
+from .memory_fit import Mode, check_fits
+from .quantization import FP8_MIN_CAPABILITY, check_quantization, is_quantized_linear_weight, quantize_linear
+from .residency import TaskResidency, check_residency, moves_with_task
 
 __all__ = ["Components", "default_device", "default_dtype", "as_dtype"]
 
@@ -81,6 +84,31 @@ def _weights_file(path: Path, weights: str) -> Path:
     return chosen
 
 
+def _placement(quantization: str | None, residency: str, device: torch.device, device_map) -> dict:
+    """The ``quantize``/``on_host`` arguments of ``load_model_weights`` for a loading mode."""
+    check_quantization(quantization, device)
+    check_residency(residency)
+    if device_map is not None and (quantization is not None or residency != "all"):
+        raise ValueError("device_map cannot be combined with quantization or residency='task'; choose one")
+    placement: dict = {}
+    if quantization is not None:
+        def quantize(name: str, model) -> None:
+            if is_quantized_linear_weight(name):
+                quantize_linear(model.get_submodule(name.rpartition(".")[0]), quantization)
+
+        placement["quantize"] = quantize
+    if residency == "task":
+        placement["on_host"] = moves_with_task
+    return placement
+
+
+def _check_fits(weights: Path, vae: Path, config, dtype, device: torch.device, quantization, residency) -> None:
+    free, _ = torch.cuda.mem_get_info(device)
+    fp8 = torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+    modes = (None, "int8", "nf4", *(("fp8",) if fp8 else ()))
+    check_fits(weights, vae, config, dtype, Mode(quantization, residency), free, str(device), modes)
+
+
 class Components:
     """The transformer (LLM, ViT, heads; ``ema.safetensors``), the FLUX VAE (diffusers ``AutoencoderKL``), the
     tokenizer with its special tokens (docs/token-layout.md#special-tokens) and the checkpoint configuration.
@@ -101,13 +129,16 @@ class Components:
         if too_big:
             raise CheckpointError(f"tokenizer ids {too_big} do not fit the embedding table of {vocab} rows")
         self.progress = True
+        self.quantization: str | None = None  # set by from_pretrained
+        self.residency: TaskResidency | None = None
         self.model.eval()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, weights: str = "ema",
                         device_map: str | dict | None = None, max_memory: dict | None = None,
-                        offload_folder: str | Path | None = None, progress: bool = True):
+                        offload_folder: str | Path | None = None, progress: bool = True,
+                        quantization: str | None = None, residency: str = "all"):
         """Load a checkpoint folder in the released layout (docs/checkpoint.md), strictly.
 
         Args:
@@ -120,6 +151,12 @@ class Components:
                 rest to CPU or disk; ``max_memory`` bounds each device as in accelerate.
             offload_folder: where disk-offloaded weights go (a temporary folder by default; never the
                 checkpoint folder).
+            quantization: ``None`` (full precision), ``"int8"``, ``"nf4"`` or ``"fp8"`` (CUDA 8.9+): the decoder
+                layers' Linear weights, quantised one by one while loading (docs/quantization.md).
+            residency: ``"all"`` (every weight on the device) or ``"task"`` (each expert on the device only
+                while a task uses it; docs/quantization.md#residency).
+        On CUDA the chosen mode is first checked to fit the free memory (``MemoryFitError`` names the modes
+        that would).
         """
         path = Path(path)
         device = torch.device(device) if device is not None else default_device()
@@ -130,10 +167,18 @@ class Components:
         model = build_empty_model(config)
         device_map = _resolve_device_map(model, device_map, dtype, max_memory)
         offload = _offload_folder(device_map, offload_folder, path)
-        embedded_vae = load_model_weights(model, weights_path, dtype, device, device_map, offload, progress)
+        placement = _placement(quantization, residency, device, device_map)
+        if device_map is None and device.type == "cuda":
+            _check_fits(weights_path, path / VAE_FILE, config, dtype, device, quantization, residency)
+        embedded_vae = load_model_weights(model, weights_path, dtype, device, device_map, offload, progress,
+                                          **placement)
         vae = load_vae(config, path / VAE_FILE, dtype, device, override=embedded_vae or None)
-        return cls(model, vae, tokenizer, config, tokenizer_dir=path, name=path.resolve().name,
-                   weights_file=weights_path)
+        loaded = cls(model, vae, tokenizer, config, tokenizer_dir=path, name=path.resolve().name,
+                     weights_file=weights_path)
+        loaded.quantization = quantization
+        if residency == "task":
+            loaded.residency = TaskResidency(model, device)
+        return loaded
 
     @classmethod
     def from_config(cls, config: UniMedVLConfig, tokenizer_dir: str | Path, seed: int = 0,
@@ -190,4 +235,6 @@ class Components:
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
-        return f"UniMedVL({self.name}, {n / 1e6:.1f}M parameters, device={self.device}, dtype={self.dtype})"
+        extra = f", quantization={self.quantization}" if self.quantization else ""
+        extra += ", residency=task" if self.residency is not None else ""
+        return f"UniMedVL({self.name}, {n / 1e6:.1f}M parameters, device={self.device}, dtype={self.dtype}{extra})"

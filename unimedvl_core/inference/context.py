@@ -33,8 +33,8 @@ def layer_devices(model: UniMedVLModel) -> list[torch.device]:
     for layer in model.language_model.model.layers:
         hook = getattr(layer, "_hf_hook", None)
         device = getattr(hook, "execution_device", None)
-        if device is None:
-            device = layer.self_attn.q_proj.weight.device
+        if device is None:  # the first weight on a device (task residency leaves the idle expert on meta)
+            device = next((p.device for p in layer.parameters() if not p.is_meta), model.embed_tokens.weight.device)
         devices.append(torch.device(device))
     return devices
 

@@ -22,7 +22,7 @@ from ..modeling.kv_cache import KVCache
 from ..modeling.qwen2_mot import ExpertRouting
 from ..modeling.unimedvl import UniMedVLModel
 
-__all__ = ["DecodeStep", "DecodeResult", "decode_rows", "choose_tokens", "decode_step_for"]
+__all__ = ["DecodeStep", "DecodeResult", "decode_rows", "choose_tokens", "decode_step_for", "forget_workspaces"]
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +206,9 @@ def decode_rows(step: DecodeStep, first_logits: torch.Tensor, positions: torch.T
         positions.add_(1)
         lengths.add_(1)
     return _trim(run, rows, keep_logits)
+
+
+def forget_workspaces(model: UniMedVLModel) -> None:
+    """Drop the model's kept decode workspaces: their CUDA graphs read the weights at the addresses they had
+    when captured, so they must go when weights move (a task-residency switch)."""
+    _WORKSPACES.pop(model, None)

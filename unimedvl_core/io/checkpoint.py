@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,9 +90,13 @@ def _open(path: Path, device: str = "cpu"):
 
 def load_model_weights(model: UniMedVLModel, path: Path, dtype: torch.dtype, device: torch.device,
                        device_map: dict[str, str | int] | None = None, offload_folder: str | None = None,
-                       progress: bool = True) -> dict[str, torch.Tensor]:
+                       progress: bool = True, quantize: Callable[[str, torch.nn.Module], None] | None = None,
+                       on_host: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Fill a meta-device model from ``ema.safetensors``/``model.safetensors`` in place.
 
+    ``quantize(name, model)``, when given, is called right after each tensor is placed (it quantises the
+    tensor's layer where it is, so the device never holds more than one full-precision layer); tensors for
+    which ``on_host(name)`` is true are kept in host memory (task residency, docs/quantization.md).
     Returns the VAE tensors embedded in the file under ``vae_model.`` (usually none).
     """
     from accelerate import dispatch_model
@@ -113,6 +117,10 @@ def load_model_weights(model: UniMedVLModel, path: Path, dtype: torch.dtype, dev
                 continue
             set_module_tensor_to_device(model, name, target, value=tensor, dtype=dtype)
             del tensor
+            if quantize is not None:
+                quantize(name, model)
+            if on_host is not None and on_host(name):
+                _move_to_host(model, name)
         vae_tensors = {k[len(EMBEDDED_VAE_PREFIX):]: handle.get_tensor(k) for k in embedded_vae}
     if device_map is None:
         # Buffers (rotary frequencies) were built on the CPU; left there, every forward would copy them to the
@@ -125,6 +133,12 @@ def load_model_weights(model: UniMedVLModel, path: Path, dtype: torch.dtype, dev
         dispatch_model(model, device_map=device_map, main_device=str(device), offload_dir=offload_folder,
                        offload_index=index or None)
     return vae_tensors
+
+
+def _move_to_host(model: torch.nn.Module, name: str) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[leaf] = torch.nn.Parameter(module._parameters[leaf].to("cpu"), requires_grad=False)
 
 
 def _device_for(name: str, device_map: dict[str, str | int]):
@@ -223,6 +237,9 @@ def save_checkpoint(out_dir: str | Path, config: UniMedVLConfig, weights: dict[s
         if any(t.device.type == "meta" for t in state.values()):
             raise CheckpointError("cannot save weights that are offloaded (meta tensors); load the model onto "
                                   "one device first")
+        if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in state.values()):
+            raise CheckpointError("cannot save quantised weights (the released layout holds full-precision "
+                                  "tensors); load the checkpoint without quantization to save it")
     config.save(out_dir)
     for name, state in weights.items():
         atomic_save_safetensors(state, out_dir / name)

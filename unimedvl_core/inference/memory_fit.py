@@ -19,7 +19,8 @@ from ..modeling.config import UniMedVLConfig
 from .quantization import QUANTIZATION_MODES, is_quantized_linear_weight
 from .residency import is_generation_expert, is_understanding_only
 
-__all__ = ["MemoryFitError", "Mode", "estimate_peak_bytes", "modes_that_fit", "check_fits", "header_shapes"]
+__all__ = ["MemoryFitError", "Mode", "estimate_peak_bytes", "modes_that_fit", "check_fits", "header_shapes",
+           "vae_numel"]
 
 GB = 1e9
 # CFG runs three branches of the latent tokens together (docs/sampling.md)
@@ -37,6 +38,11 @@ class Mode:
 
     def __str__(self) -> str:
         return f"quantization={self.quantization or 'none'}, residency={self.residency}"
+
+
+def vae_numel(path: Path) -> int:
+    """Values in ``ae.safetensors`` (0 when the VAE is embedded in the weights file)."""
+    return sum(math.prod(s) for s in header_shapes(path).values()) if path.is_file() else 0
 
 
 def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -62,10 +68,11 @@ def _tensor_bytes(name: str, shape: tuple[int, ...], itemsize: int, quantization
 
 
 def activation_bytes(config: UniMedVLConfig, itemsize: int) -> int:
-    """About the largest activations: the MLP of every guidance branch over a full-size latent, or the
-    VAE decoder's top-resolution feature maps, whichever is larger."""
+    """About the largest activations: a few MLP-wide rows for every guidance branch over a full-size
+    latent, or the VAE decoder's top-resolution feature maps, whichever is larger. The factors put the
+    released geometry's bf16 estimate at the 32 GB peak measured on an H200 (README, GPU figures)."""
     tokens = GUIDANCE_BRANCHES * config.max_latent_size ** 2
-    llm = tokens * (2 * int(config.llm["intermediate_size"]) + 6 * int(config.llm["hidden_size"])) * itemsize
+    llm = tokens * (4 * int(config.llm["intermediate_size"]) + 8 * int(config.llm["hidden_size"])) * itemsize
     side = config.max_image_side
     vae = 4 * side * side * config.vae.ch * config.vae.ch_mult[0] * itemsize
     return max(llm, vae)
@@ -108,12 +115,15 @@ def check_fits(weights_file: Path, vae_file: Path, config: UniMedVLConfig, dtype
                budget: int, device_name: str, quantizations=(None, *QUANTIZATION_MODES)) -> int:
     """Raise ``MemoryFitError`` when ``mode`` is estimated over ``budget`` bytes; returns the estimate."""
     shapes = header_shapes(weights_file)
-    vae_numel = sum(math.prod(s) for s in header_shapes(vae_file).values()) if vae_file.is_file() else 0
-    need = estimate_peak_bytes(shapes, vae_numel, config, dtype, mode)
+    vae = vae_numel(vae_file)
+    need = estimate_peak_bytes(shapes, vae, config, dtype, mode)
     if need <= budget:
         return need
-    fitting = modes_that_fit(shapes, vae_numel, config, dtype, budget, quantizations)
-    advice = ("; modes that fit: " + "; ".join(f"{m} (about {e / GB:.1f} GB)" for m, e in fitting) if fitting
+    fitting = modes_that_fit(shapes, vae, config, dtype, budget, quantizations)
+    advice = ("; modes that fit: " + "; ".join(f"{m} (about {_size(e)})" for m, e in fitting) if fitting
               else "; no mode fits: use device_map='auto' to offload layers to the CPU")
-    raise MemoryFitError(f"{mode} needs about {need / GB:.1f} GB on {device_name} but {budget / GB:.1f} GB is "
-                         f"free{advice}")
+    raise MemoryFitError(f"{mode} needs about {_size(need)} on {device_name} but {_size(budget)} is free{advice}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GB:.1f} GB" if nbytes >= GB else f"{nbytes / 1e6:.1f} MB"

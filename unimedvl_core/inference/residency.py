@@ -66,6 +66,15 @@ def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [leaf for name in flatten()[0] for leaf in _leaves(getattr(tensor, name))]
 
 
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to ``device``, asynchronously from pinned memory; torchao's tensor subclasses take no
+    ``non_blocking`` argument (their copy is issued on the current stream all the same)."""
+    with torch.inference_mode(False):  # tasks run in inference mode; parameters must not be inference tensors
+        if type(tensor) in (torch.Tensor, nn.Parameter):
+            return tensor.to(device, non_blocking=True)
+        return tensor.to(device)
+
+
 def _pinned(tensor: torch.Tensor) -> torch.Tensor:
     """A page-locked copy (asynchronous host-to-device copies need one); the tensor itself where the
     tensor type cannot be pinned."""
@@ -116,8 +125,10 @@ class TaskResidency:
 
     def _set(self, name: str, value: torch.Tensor) -> None:
         module, leaf = self.slots[name]
-        module._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value,
-                                                                                            requires_grad=False)
+        if not isinstance(value, nn.Parameter):
+            with torch.inference_mode(False):
+                value = nn.Parameter(value, requires_grad=False)
+        module._parameters[leaf] = value
 
     def _install_hooks(self) -> list:
         lm = self.model.language_model
@@ -133,7 +144,7 @@ class TaskResidency:
         for hook in self._hooks:
             hook.remove()
         for name, host in self.host.items():
-            self._set(name, host.to(self.device))
+            self._set(name, _to(host, self.device))
         self.phase = None
 
     # ----- phases -----
@@ -155,7 +166,7 @@ class TaskResidency:
         forget_workspaces(self.model)  # captured decode graphs hold the old weight addresses
         for name in self.host:  # on the compute stream: reuses the memory just freed; asynchronous (pinned)
             if keep(name):
-                self._set(name, self.host[name].to(self.device, non_blocking=True))
+                self._set(name, _to(self.host[name], self.device))
         self.phase = phase
         self.switches += 1
 
@@ -198,7 +209,7 @@ class TaskResidency:
         else:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
-                tensors = {n: self.host[n].to(self.device, non_blocking=True) for n in names}
+                tensors = {n: _to(self.host[n], self.device) for n in names}
                 event = torch.cuda.Event()
                 event.record(self.copy_stream)
             self.pending[index] = (tensors, event)

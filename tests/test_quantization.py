@@ -151,3 +151,25 @@ def test_released_geometry_estimates():
     assert 31 < gb[(None, "all")] < 33  # calibrated on the 32 GB peak measured on an H200
     assert 17 < gb[(None, "task")] < 22  # one expert of 13 GB less, two streamed layers more
     assert 17 < gb[("int8", "all")] < 20 and 11 < gb[("nf4", "all")] < 14 and gb[("nf4", "task")] < 10
+
+
+def test_every_surface_takes_the_quantization_choice(tmp_path, capsys):
+    from unimedvl_core.surfaces.bundle import load_network
+    from unimedvl_core.surfaces.cli import build_parser, main
+    from unimedvl_core.surfaces.deploy.config import load_deploy_config
+
+    assert main(["info", "--quantization", "int8", "--residency", "task", "--no-progress"]) == 0
+    assert "quantization=int8, residency=task" in capsys.readouterr().out
+    assert main(["info", "--quantization", "fp8", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: quantization='fp8' needs a CUDA GPU") and "\n" not in err
+    for command in (["phantom-eval"], ["serve"], ["vqa", "--image", "x.png", "--question", "q"], ["demo"]):
+        assert build_parser().parse_args([*command, "--quantization", "nf4"]).quantization == "nf4"
+    assert load_network(quantization="nf4").quantization == "nf4"
+    task_file = tmp_path / "tasks.yaml"
+    task_file.write_text("tasks: [{task: report}]\nquantization: int8\nresidency: task\n")
+    assert load_deploy_config(task_file).load_options() == {"device": None, "quantization": "int8",
+                                                            "residency": "task"}
+    task_file.write_text("tasks: [{task: report}]\nquantization: int4\n")
+    with pytest.raises(ValueError, match="quantization must be null, int8, nf4 or fp8"):
+        load_deploy_config(task_file)

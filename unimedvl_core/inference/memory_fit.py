@@ -27,7 +27,7 @@ GB = 1e9
 GUIDANCE_BRANCHES = 3
 
 
-class MemoryFitError(RuntimeError):
+class MemoryFitError(ValueError):
     """The chosen loading mode is estimated not to fit the device's free memory."""
 
 

@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args):
     model = load_model(args.ckpt, device=args.device, dtype=args.dtype, progress=not args.no_progress,
+                       quantization=args.quantization, residency=args.residency,
                        **({"weights": args.weights, "device_map": args.device_map} if args.ckpt else {}))
     model.progress = not args.no_progress
     return model
@@ -181,7 +182,7 @@ def _serve(args) -> int:
     from .server.app import serve
 
     serve(str(args.ckpt) if args.ckpt else None, args.host, args.port, args.token or os.environ.get("UNIMEDVL_TOKEN"),
-          args.device, args.dtype)
+          args.device, args.dtype, quantization=args.quantization, residency=args.residency)
     return 0
 
 

@@ -34,6 +34,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights file to load")
     p.add_argument("--device-map", default=None, help="'auto' to spread over GPUs / offload (accelerate)")
+    p.add_argument("--quantization", default=None, choices=["int8", "nf4", "fp8"],
+                   help="8/4-bit decoder weights (torchao; fp8 needs an Ada/Hopper GPU; docs/quantization.md)")
+    p.add_argument("--residency", default="all", choices=["all", "task"],
+                   help="'task': only the expert a task uses on the device (docs/quantization.md#residency)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -14,6 +14,8 @@ the task registry (``unimedvl tasks`` lists every task, parameter, default and l
     num_inference_steps: 49                  # a task parameter at the top applies to every task that has it
     seed: 0
     device: null                             # cuda when available, else cpu
+    quantization: null                       # int8, nf4 or fp8 weights (docs/quantization.md)
+    residency: all                           # task: only the expert a task uses on the GPU
     allow_demo_model: false                  # with no model folder, run the embedded phantom demonstration model
     include_synthetic_inputs: false          # read images this application made (skipped by default)
 
@@ -43,7 +45,7 @@ DEFAULT_SELECTION = {"selections": [{
 }]}
 
 SETTINGS = ("tasks", "series_selection", "slices", "window", "device", "allow_demo_model",
-            "include_synthetic_inputs")
+            "include_synthetic_inputs", "quantization", "residency")
 
 
 @dataclass
@@ -120,11 +122,20 @@ class DeployConfig:
     device: str | None = None
     allow_demo_model: bool = False
     include_synthetic_inputs: bool = False
+    quantization: str | None = None
+    residency: str = "all"
 
     def __post_init__(self):
         for name in ("allow_demo_model", "include_synthetic_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.quantization not in (None, "int8", "nf4", "fp8") or self.residency not in ("all", "task"):
+            raise ValueError(f"quantization must be null, int8, nf4 or fp8 and residency all or task, got "
+                             f"{self.quantization!r} and {self.residency!r}")
+
+    def load_options(self) -> dict:
+        """The model-loading options of the task file (``load_model`` keywords)."""
+        return {"device": self.device, "quantization": self.quantization, "residency": self.residency}
 
     @property
     def slice_mode(self) -> tuple[str, int | None, int | None]:

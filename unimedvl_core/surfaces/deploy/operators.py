@@ -211,7 +211,7 @@ class UniMedVLTaskOperator(Operator):
         if self._model is None:
             from ...inference.embedded import load_model
 
-            self._model = load_model(self.model_path, device=self.deploy_config.device, progress=False)
+            self._model = load_model(self.model_path, progress=False, **self.deploy_config.load_options())
         self._model.progress = False
         return self._model
 

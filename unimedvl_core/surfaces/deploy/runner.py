@@ -104,7 +104,7 @@ def load_chosen_model(pre: Preflight):
     from ...inference.embedded import load_model
 
     try:
-        model = load_model(pre.model.checkpoint, device=pre.config.device, progress=False)
+        model = load_model(pre.model.checkpoint, progress=False, **pre.config.load_options())
     except (OSError, ValueError, KeyError) as err:  # CheckpointError is a ValueError
         raise Rejected(f"model {pre.model.describe()} could not be loaded: {type(err).__name__}: {err}") from None
     model.progress = False

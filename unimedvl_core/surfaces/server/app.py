@@ -89,7 +89,7 @@ def create_app(model=None, loader: Callable[[], Any] | None = None, settings: Se
 
 
 def serve(ckpt: str | None, host: str, port: int, token: str | None, device: str | None = None,
-          dtype: str | None = None) -> None:
+          dtype: str | None = None, quantization: str | None = None, residency: str = "all") -> None:
     """Run the server with uvicorn; a token is required when listening beyond the loopback interface."""
     if not _is_loopback(host) and not token:
         raise ValueError(f"listening on {host} needs --token (or UNIMEDVL_TOKEN): only loopback may be open")
@@ -99,7 +99,8 @@ def serve(ckpt: str | None, host: str, port: int, token: str | None, device: str
 
     # Loaded before the server starts, so that a missing or broken checkpoint is one clear error from the
     # command, not a failed start-up inside uvicorn.
-    model = load_model(ckpt, device=device, dtype=dtype, progress=True)
+    model = load_model(ckpt, device=device, dtype=dtype, progress=True, quantization=quantization,
+                       residency=residency)
     uvicorn.run(create_app(model=model, settings=Settings(token=token)), host=host, port=port, log_level="info")
 
 

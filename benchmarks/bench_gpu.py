@@ -1,6 +1,7 @@
 """GPU figures at the released 14.6B geometry (random bf16 weights), through the public API.
 
     python benchmarks/bench_gpu.py [--skip-save-load] [--batch 16]
+    python benchmarks/bench_gpu.py --modes bf16,task,int8,nf4,fp8,nf4+task [--steps 20]
 
 Prints a JSON line after each phase (the last one holds everything): build seconds; VQA prefill ms
 (448x448 image + question, up to the first token); decode tokens/s at batch 1 and at ``--batch`` (all rows
@@ -9,11 +10,19 @@ device-to-device copy bandwidth); VQA answers/s at ``--batch`` against one by on
 and 1024x1024 and editing 512x512 at 49 steps (the published schedule); peak GPU memory; save and load
 seconds. Needs one CUDA GPU and no dataset: the tokenizer is the embedded model's (its ids fit the released
 vocabulary), the weights are random.
+
+``--modes`` instead measures each loading mode (docs/quantization.md): ``bf16`` (full residency), ``task``
+(task-aware residency), ``int8``/``nf4``/``fp8`` (quantised weights) and combinations such as ``int8+task``.
+For each mode it prints one JSON line per task (VQA, report, text-to-image 1024x1024, edit 512x512): seconds,
+peak GPU memory of that task, device weight bytes, and for task residency the seconds of the phase switch
+before the task. The model is rebuilt per mode, placing each tensor as ``from_pretrained`` does (quantised
+on the device layer by layer; host memory for the moving experts).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import tempfile
@@ -29,19 +38,22 @@ TOKENIZER_DIR = REPO / "unimedvl_core" / "default_model"
 QUESTION = "Is there a lesion in the left lung? Describe its size, position and margins."
 
 
-def build_random_model(preset: str = "released_14b", device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+def build_random_model(preset: str = "released_14b", device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                       quantization: str | None = None, residency: str = "all"):
     """A model preset (the released geometry by default) with random weights, built directly on the device
-    (seconds, not minutes)."""
+    (seconds, not minutes), each tensor then placed as ``from_pretrained`` places it for the mode."""
     from accelerate.utils import set_module_tensor_to_device
 
     from unimedvl_core import UniMedVL
-    from unimedvl_core.io.checkpoint import build_empty_model
+    from unimedvl_core.inference.components import loading_placement
+    from unimedvl_core.io.checkpoint import build_empty_model, finish_tensor
     from unimedvl_core.modeling.config import UniMedVLConfig
     from unimedvl_core.modeling.tokenizer import load_tokenizer
     from unimedvl_core.modeling.vae import build_vae
 
     config = UniMedVLConfig.from_preset(REPO / "configs" / "models" / f"{preset}.json")
     model = build_empty_model(config)  # parameters on the meta device, buffers (rotary frequencies) real
+    placement = loading_placement(quantization, residency, torch.device(device), None)
     generator = torch.Generator(device).manual_seed(0)
     for name, param in list(model.named_parameters()):
         value = torch.empty(param.shape, dtype=dtype, device=device)
@@ -50,6 +62,8 @@ def build_random_model(preset: str = "released_14b", device: str = "cuda", dtype
         else:
             value.normal_(0.0, 0.02, generator=generator)
         set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
+        del value
+        finish_tensor(model, name, placement.get("quantize"), placement.get("on_host"))
     for name, buffer in list(model.named_buffers()):
         set_module_tensor_to_device(model, name, device, value=buffer)
     model.eval().requires_grad_(False)
@@ -57,8 +71,10 @@ def build_random_model(preset: str = "released_14b", device: str = "cuda", dtype
     if wrong:
         raise RuntimeError(f"parameters built as {wrong}, not {dtype}")
     vae = build_vae(config.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return UniMedVL(model, vae, load_tokenizer(TOKENIZER_DIR), config, tokenizer_dir=TOKENIZER_DIR,
-                    name="released geometry, random weights")
+    built = UniMedVL(model, vae, load_tokenizer(TOKENIZER_DIR), config, tokenizer_dir=TOKENIZER_DIR,
+                     name="released geometry, random weights")
+    built.use_mode(quantization, residency, torch.device(device))
+    return built
 
 
 def sync() -> None:
@@ -149,6 +165,77 @@ def roofline(model, row: dict, device: str) -> dict:
             "decode_roofline_fraction_b1": round(row["decode_tokens_per_s_b1"] / limit, 3)}
 
 
+def parse_mode(text: str) -> tuple[str | None, str]:
+    """``bf16`` | ``task`` | ``int8`` | ``nf4`` | ``fp8``, optionally ``+task``: (quantization, residency)."""
+    parts = text.split("+")
+    residency = "task" if "task" in parts else "all"
+    rest = [p for p in parts if p not in ("task", "bf16")]
+    if len(rest) > 1 or (rest and rest[0] not in ("int8", "nf4", "fp8")):
+        raise SystemExit(f"unknown mode {text!r}: use bf16, task, int8, nf4, fp8, or e.g. int8+task")
+    return (rest[0] if rest else None), residency
+
+
+def mode_tasks(model, image, steps: int) -> dict:
+    """The four measured tasks, each a function running it once (sides capped by the preset's largest)."""
+    gen = dict(num_inference_steps=steps, generator=torch.Generator().manual_seed(0), progress=False)
+    big, edit = (min(side, model.config.max_image_side) for side in (1024, 512))
+    return {"vqa": lambda: model.answer(image, QUESTION, max_new_tokens=64),
+            "report": lambda: model.generate_report(image, modality="CT", max_new_tokens=128),
+            f"t2i_{big}": lambda: model.generate_image("Axial CT of the chest with two nodules.", height=big,
+                                                       width=big, **gen),
+            f"edit_{edit}": lambda: model.edit_image(image.resize((edit, edit)), "Translate this T2 image to FLAIR.",
+                                                     **gen)}
+
+
+def switch_seconds(model, task: str) -> float | None:
+    """Seconds to enter the phase ``task`` runs in (task residency only), synchronised."""
+    from unimedvl_core.inference.residency import GENERATION, UNDERSTANDING
+
+    if model.residency is None:
+        return None
+    phase = UNDERSTANDING if task in ("vqa", "report") else GENERATION
+    sync()
+    t0 = time.perf_counter()
+    model.residency.enter(phase)
+    sync()
+    return round(time.perf_counter() - t0, 3)
+
+
+def gpu_gb(peak: bool = False) -> float | None:
+    """Allocated (or peak allocated) GPU memory in GB; None on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return round((torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 1e9, 2)
+
+
+def measure_modes(args, image) -> None:
+    on_gpu = args.device.startswith("cuda")
+    for text in args.modes.split(","):
+        quantization, residency = parse_mode(text)
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        model = build_random_model(args.preset, args.device, getattr(torch, args.dtype), quantization, residency)
+        sync()
+        base = {"mode": text, "gpu": torch.cuda.get_device_name(0) if on_gpu else "none (cpu)",
+                "build_s": round(time.perf_counter() - t0, 1), "weights_on_gpu_GB": gpu_gb()}
+        model.progress = False
+        model.answer(image, QUESTION, max_new_tokens=1)  # warm-up: kernels, allocator, both phases
+        warm = min(256, model.config.max_image_side)
+        model.generate_image("warm-up", height=warm, width=warm, num_inference_steps=2, progress=False)
+        for task, run in mode_tasks(model, image, args.steps).items():
+            switch = switch_seconds(model, task)
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            row = {**base, "task": task, "switch_s": switch, "seconds": round(seconds(run, warmup=False), 2),
+                   "peak_gpu_GB": gpu_gb(peak=True)}
+            if model.residency is not None:
+                row["streamed_layers"] = model.residency.streamed
+            print(json.dumps(row), flush=True)
+        del model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
@@ -157,7 +244,12 @@ def main() -> None:
     parser.add_argument("--preset", default="released_14b", help="a model preset of configs/models/")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu with a small --preset (to try the script)")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--modes", default=None, help="measure these loading modes instead, e.g. bf16,task,int8,nf4")
+    parser.add_argument("--steps", type=int, default=49, help="sampling steps of the --modes generation tasks")
     args = parser.parse_args()
+    if args.modes:
+        measure_modes(args, Image.open(PARITY_IMAGE).convert("RGB"))
+        return
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "none (cpu)"
     row = {"gpu": gpu, "torch": torch.__version__, "preset": args.preset}
     t0 = time.perf_counter()

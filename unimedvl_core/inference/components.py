@@ -31,7 +31,7 @@ from .memory_fit import Mode, check_fits
 from .quantization import FP8_MIN_CAPABILITY, check_quantization, is_quantized_linear_weight, quantize_linear
 from .residency import TaskResidency, check_residency, moves_with_task
 
-__all__ = ["Components", "default_device", "default_dtype", "as_dtype"]
+__all__ = ["Components", "default_device", "default_dtype", "as_dtype", "loading_placement"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _weights_file(path: Path, weights: str) -> Path:
     return chosen
 
 
-def _placement(quantization: str | None, residency: str, device: torch.device, device_map) -> dict:
+def loading_placement(quantization: str | None, residency: str, device: torch.device, device_map) -> dict:
     """The ``quantize``/``on_host`` arguments of ``load_model_weights`` for a loading mode."""
     check_quantization(quantization, device)
     check_residency(residency)
@@ -167,7 +167,7 @@ class Components:
         model = build_empty_model(config)
         device_map = _resolve_device_map(model, device_map, dtype, max_memory)
         offload = _offload_folder(device_map, offload_folder, path)
-        placement = _placement(quantization, residency, device, device_map)
+        placement = loading_placement(quantization, residency, device, device_map)
         if device_map is None and device.type == "cuda":
             _check_fits(weights_path, path / VAE_FILE, config, dtype, device, quantization, residency)
         embedded_vae = load_model_weights(model, weights_path, dtype, device, device_map, offload, progress,
@@ -175,9 +175,7 @@ class Components:
         vae = load_vae(config, path / VAE_FILE, dtype, device, override=embedded_vae or None)
         loaded = cls(model, vae, tokenizer, config, tokenizer_dir=path, name=path.resolve().name,
                      weights_file=weights_path)
-        loaded.quantization = quantization
-        if residency == "task":
-            loaded.residency = TaskResidency(model, device)
+        loaded.use_mode(quantization, residency, device)
         return loaded
 
     @classmethod
@@ -203,6 +201,13 @@ class Components:
         """Write the released layout; ``from_pretrained(path)`` gives back the same model."""
         return save_checkpoint(path, self.config, {weights_name: self.model.state_dict()}, self.vae, self.tokenizer,
                                self.tokenizer_dir)
+
+    def use_mode(self, quantization: str | None, residency: str, device: torch.device) -> None:
+        """Record the loading mode of weights placed by ``loading_placement`` and, with ``residency="task"``,
+        hand the task-dependent weights (now in host memory) to a ``TaskResidency``."""
+        self.quantization = quantization
+        if residency == "task":
+            self.residency = TaskResidency(self.model, device)
 
     @property
     def name(self) -> str:

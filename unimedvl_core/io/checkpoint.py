@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 __all__ = ["CheckpointError", "WEIGHT_FILES", "VAE_FILE", "TOKENIZER_FILES", "load_model_weights", "load_vae",
-           "build_empty_model", "save_checkpoint", "atomic_save_safetensors", "NO_SPLIT_MODULES"]
+           "build_empty_model", "save_checkpoint", "atomic_save_safetensors", "NO_SPLIT_MODULES", "finish_tensor"]
 
 WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
 VAE_FILE = "ae.safetensors"
@@ -117,10 +117,7 @@ def load_model_weights(model: UniMedVLModel, path: Path, dtype: torch.dtype, dev
                 continue
             set_module_tensor_to_device(model, name, target, value=tensor, dtype=dtype)
             del tensor
-            if quantize is not None:
-                quantize(name, model)
-            if on_host is not None and on_host(name):
-                _move_to_host(model, name)
+            finish_tensor(model, name, quantize, on_host)
         vae_tensors = {k[len(EMBEDDED_VAE_PREFIX):]: handle.get_tensor(k) for k in embedded_vae}
     if device_map is None:
         # Buffers (rotary frequencies) were built on the CPU; left there, every forward would copy them to the
@@ -135,10 +132,16 @@ def load_model_weights(model: UniMedVLModel, path: Path, dtype: torch.dtype, dev
     return vae_tensors
 
 
-def _move_to_host(model: torch.nn.Module, name: str) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[leaf] = torch.nn.Parameter(module._parameters[leaf].to("cpu"), requires_grad=False)
+def finish_tensor(model: torch.nn.Module, name: str, quantize: Callable[[str, torch.nn.Module], None] | None,
+                  on_host: Callable[[str], bool] | None) -> None:
+    """After a parameter is placed on the device: quantise its layer there, then move it to host memory
+    when ``on_host(name)`` (the steps of ``load_model_weights``, for models filled another way too)."""
+    if quantize is not None:
+        quantize(name, model)
+    if on_host is not None and on_host(name):
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[leaf] = torch.nn.Parameter(module._parameters[leaf].to("cpu"), requires_grad=False)
 
 
 def _device_for(name: str, device_map: dict[str, str | int]):

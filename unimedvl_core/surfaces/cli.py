@@ -107,9 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args):
     model = load_model(args.ckpt, device=args.device, dtype=args.dtype, progress=not args.no_progress,
-                       **({"weights": args.weights, "device_map": args.device_map} if args.ckpt else {}))
+                       **_checkpoint_options(args))
     model.progress = not args.no_progress
     return model
+
+
+def _checkpoint_options(args) -> dict:
+    """The options that apply to a checkpoint given with --ckpt (the embedded model takes none)."""
+    if not args.ckpt:
+        return {}
+    return {"weights": args.weights, "device_map": args.device_map, "revision": args.revision}
 
 
 def _tasks(args) -> int:

@@ -76,7 +76,8 @@ def _decoding(req: ChatRequest, vqa: Task) -> dict:
         except TaskParameterError as err:
             field = names.get(name, name)
             raise OpenAIHTTPError(400, f"{field}: {str(err).split(': ', 1)[-1]}", field) from None
-    return {**out, "generator": task_generator(out.pop("seed"))}
+    out["generator"] = task_generator(out.pop("seed"))
+    return out
 
 
 def _usage(runner: Runner, turns: list[dict], completion: int) -> Usage:

@@ -88,13 +88,17 @@ def _instruction(task: Task, prompt: str, extra: dict) -> dict:
         raise OpenAIHTTPError(400, "instruction: give it as prompt", "instruction")
     if not any(p.name == "instruction" for p in task.params):
         return extra
-    return {**extra, "instruction": prompt} if prompt.strip() or task.param("instruction").required else extra
+    if prompt.strip():
+        return {**extra, "instruction": prompt}
+    if task.param("instruction").required:
+        raise OpenAIHTTPError(400, f"prompt: the {task.name} task needs an instruction", "prompt")
+    return extra
 
 
 def _edits(registry: TaskRegistry, /, *, runner: RunnerDep, settings: SettingsDep, served: ServedIdDep,
            image: UploadFile = File(..., description="the input image: PNG/JPEG/TIFF, .npy or DICOM"),
-           prompt: str = Form(..., description="the instruction (edit, counterfactual), or an override of the "
-                                               "task's own instruction (empty: keep it)"),
+           prompt: str = Form("", description="the instruction (edit, counterfactual), or an override of the "
+                                              "task's own instruction (empty: keep it)"),
            task: Any = Form("edit", description="the registry's image-to-image task; its parameters (GET "
                                                 "/v1/tasks) may be given as further form fields"),
            n: int = Form(1), size: str | None = Form(None, pattern=IMAGE_SIZE_PATTERN),
@@ -106,7 +110,7 @@ def _edits(registry: TaskRegistry, /, *, runner: RunnerDep, settings: SettingsDe
     _check(settings, n, response_format, model, served)
     if mask is not None:
         raise OpenAIHTTPError(400, "mask: not supported; describe the region in the prompt", "mask")
-    found = lookup_task(registry, task.value)
+    found = lookup_task(registry, getattr(task, "value", task))  # the default arrives as text
     params = _resolve(runner, found, _instruction(found, prompt, extra), size)
     src = load_upload(image, settings)
     results = runner.run_all(found, src, [found.item_params(params, i) for i in range(n)])

@@ -119,3 +119,15 @@ def test_cli_and_bundle_take_hub_ids(hub_cache, tmp_path):
     out = subprocess.run([sys.executable, "-m", "unimedvl_core.surfaces.cli", "info", "--ckpt", "org/absent",
                           "--no-progress"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "HF_HUB_OFFLINE" in out.stderr
+
+
+def test_the_map_takes_a_hub_id(hub_cache):
+    from unimedvl_core.surfaces.deploy.model import ModelFolderError, choose_model
+
+    choice = choose_model(REPO)
+    assert choice.checkpoint.name == COMMIT and not choice.demo
+    assert choose_model(f"{REPO}@{COMMIT}").checkpoint == choice.checkpoint
+    with pytest.raises(ModelFolderError, match="ema.safetensors or model.safetensors missing"):
+        choose_model(f"{REPO}@v0")  # that snapshot has no weights
+    with pytest.raises(ModelFolderError, match="not in the Hugging Face cache"):
+        choose_model("org/absent")

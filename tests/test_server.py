@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 import time
 
 import numpy as np
@@ -306,3 +308,126 @@ def test_form_fields_derived_from_any_task_read_text_values(task):
     r = TestClient(app).post("/x", data=fields)
     assert r.status_code == 200, r.text
     assert r.json() == json.loads(json.dumps(spec.resolve(fields)))
+
+
+# ----- privacy, offline documentation, documented media types -----
+PATIENT = "Doe^Jane^Privacytest"
+PATIENT_ID = "PID-77881234"
+
+
+def _dicom_of_patient() -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientName, ds.PatientID = PATIENT, PATIENT_ID
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def _privacy_requests(ct: bytes) -> list[tuple[str, str, dict]]:
+    import base64
+
+    url = "data:application/dicom;base64," + base64.b64encode(ct).decode()
+    broken = ct[: len(ct) // 3]  # the header (with the name) survives, the pixels do not
+    chat = {"model": "randomly initialised", "max_tokens": 3,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "Any lesion?"}]}]}
+    return [
+        ("post", "/v1/vqa", {"files": {"image": ("ct.dcm", ct)}, "data": {"question": "Any lesion?",
+                                                                          "max_new_tokens": 3}}),
+        ("post", "/v1/vqa", {"files": {"image": ("ct.dcm", ct)}, "data": {"question": "x", "max_new_tokens": 0}}),
+        ("post", "/v1/report", {"files": {"image": ("ct.dcm", ct)}, "data": {"max_new_tokens": 3}}),
+        ("post", "/v1/image-to-image/edit", {"files": {"image": ("ct.dcm", ct)},
+                                             "data": {"instruction": "x", "num_inference_steps": 1}}),
+        ("post", "/v1/image-to-image/edit", {"files": {"image": ("ct.dcm", ct)}, "data": {"instruction": "x",
+                                                                                         "warp": "1"}}),
+        ("post", "/v1/image-to-image/edit", {"files": {"image": ("ct.dcm", broken)}, "data": {"instruction": "x"}}),
+        ("post", "/v1/tasks/vqa", {"files": {"image": ("ct.dcm", ct)},
+                                   "data": {"params": json.dumps({"question": "x", "max_new_tokens": 2})}}),
+        ("post", "/v1/chat/completions", {"json": chat}),
+        ("post", "/v1/chat/completions", {"json": {**chat, "max_tokens": 0}}),
+        ("post", "/v1/images/edits", {"files": {"image": ("ct.dcm", ct)}, "data": {"prompt": "x",
+                                                                                   "num_inference_steps": "1"}}),
+        ("post", "/v1/images/edits", {"files": {"image": ("ct.dcm", broken)}, "data": {"prompt": "x"}}),
+    ]
+
+
+def test_patient_identity_appears_in_no_response_and_no_log(client, caplog):
+    """PNG, JSON and error answers carry nothing of the DICOM header (DICOM outputs, which join the
+    patient's study, are the one place the identity belongs, and are not asked for here)."""
+    ct = _dicom_of_patient()
+    statuses = []
+    with caplog.at_level(logging.DEBUG):
+        for method, path, kwargs in _privacy_requests(ct):
+            r = getattr(client, method)(path, **kwargs)
+            statuses.append(r.status_code)
+            seen = r.content + json.dumps(dict(r.headers)).encode()
+            for secret in (PATIENT, "Privacytest", PATIENT_ID):
+                assert secret.encode() not in seen, (path, r.status_code)
+    assert statuses.count(200) == 6 and all(400 <= s < 500 for s in statuses if s != 200), statuses
+    logged = "\n".join(f"{r.getMessage()} {r.args}" for r in caplog.records)
+    assert PATIENT not in logged and PATIENT_ID not in logged and "Privacytest" not in logged
+
+
+def test_api_docs_work_offline(client):
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        sources = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+        assert sources and not [s for s in sources if s.startswith(("http:", "https:", "//"))], sources
+        assets = [s for s in sources if s.endswith((".js", ".css"))]
+        assert assets
+        for asset in assets:
+            r = client.get(asset)
+            assert r.status_code == 200 and len(r.content) > 10_000, asset
+
+
+def test_every_200_is_documented(client):
+    """Each route's 200 has a schema: a model for JSON, binary for images (no empty JSON schema)."""
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, operations in paths.items():
+        for method, op in operations.items():
+            ok = op["responses"].get("200") or op["responses"].get("202")
+            for media, body in ok["content"].items():
+                assert body.get("schema"), (method, path, media)
+                if media.startswith(("image/", "application/x-npy", "application/dicom")):
+                    assert body["schema"] == {"type": "string", "format": "binary"}, (path, media)
+            if path.startswith("/v1/image-to-image/") or path == "/v1/generate":
+                assert "application/json" not in ok["content"] and "image/png" in ok["content"], path
+    form = client.get("/openapi.json").json()["components"]["schemas"]
+    sr = next(v for k, v in form.items() if k.startswith("Body_") and "super_resolution" in k
+              and "job" not in k)["properties"]
+    assert {p.name for p in TASKS.get("super_resolution").params} <= set(sr) and "params" not in sr
+    assert sr["scale"]["enum"] == [2, 4] or sr["scale"].get("default") == 4
+
+
+def test_serve_honours_every_model_option(monkeypatch, tmp_path):
+    """``unimedvl serve`` loads through the CLI's loader (weights, dtype, device map, revision) and applies
+    --seed, --model-id and --allow-local-images to the app it runs."""
+    import uvicorn
+
+    from unimedvl_core.surfaces import cli
+    from unimedvl_core.surfaces.cli import main
+
+    from .conftest import PARITY_CKPT
+
+    ran, loaded = {}, {}
+    real_load = cli.load_model
+
+    def load_model(ckpt, **kwargs):
+        loaded.update(kwargs, ckpt=ckpt)
+        return real_load(ckpt, **{k: v for k, v in kwargs.items() if k != "device_map"})
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    args = ["serve", "--ckpt", str(PARITY_CKPT), "--dtype", "bfloat16", "--device-map", "auto", "--seed", "42",
+            "--model-id", "unimedvl-test", "--allow-local-images", str(tmp_path), "--no-progress", "--port", "9"]
+    assert main(args) == 0
+    assert loaded["weights"] == "ema" and loaded["device_map"] == "auto" and loaded["revision"] is None
+    app = ran["app"]
+    assert ran["port"] == 9 and str(app.state.model.dtype) == "torch.bfloat16"
+    assert app.state.settings.local_image_root == tmp_path
+    with TestClient(app) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == "unimedvl-test"
+        seeds = [p["default"] for t in c.get("/v1/tasks").json()["tasks"] for p in t["params"] if p["name"] == "seed"]
+        assert seeds and set(seeds) == {42}
+    assert main(["serve", "--ckpt", str(PARITY_CKPT), "--weights", "model", "--no-progress"]) == 2  # no such file
+    assert main(["serve", "--seed", "-1", "--no-progress"]) == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..modeling.config import ConfigError
 from .checkpoint import TOKENIZER_FILES, VAE_FILE, WEIGHT_FILES, CheckpointError
 
-__all__ = ["HubError", "is_hub_id", "hub_files", "resolve_checkpoint", "checkpoint_name"]
+__all__ = ["HubError", "is_hub_id", "hub_files", "resolve_checkpoint", "checkpoint_name", "split_revision"]
 
 CONFIG_FILES = ("config.json", "llm_config.json", "vit_config.json")
 # the Hub's rules for a repo id: one slash, names of letters, digits and . _ - (no leading or trailing . or -)
@@ -94,3 +94,10 @@ def checkpoint_name(path: str | Path, revision: str | None = None) -> str:
     if is_hub_id(path):
         return f"{path}@{revision}" if revision else str(path)
     return Path(path).resolve().name
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """``org/name@revision`` as (``org/name``, ``revision``), for surfaces that take one string (the MAP's
+    ``-m``); anything else as (``name``, None)."""
+    repo, at, revision = str(name).partition("@")
+    return (repo, revision) if at and revision and is_hub_id(repo) else (str(name), None)

@@ -123,6 +123,9 @@ def test_image_to_image_outputs(client):
     ds = pydicom.dcmread(io.BytesIO(r.content))
     source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     assert ds.SyntheticData == "YES" and ds.StudyInstanceUID == source.StudyInstanceUID
+    old = client.post("/v1/image-to-image/super_resolution", files={"image": ("a.png", png_bytes((16, 16)))},
+                      data={"scale": 4, "params": json.dumps({"scale": 2, "num_inference_steps": 1}), "output": "npy"})
+    assert np.load(io.BytesIO(old.content)).shape == (32, 32, 3)  # the deprecated JSON field still works
     r = client.post("/v1/image-to-image/counterfactual", files={"image": ("a.png", png_bytes((32, 32)))},
                     data={"instruction": "Remove the lesion.", "num_inference_steps": 2})
     assert r.status_code == 200 and "X-UniMedVL-Explanation" in r.headers
@@ -132,7 +135,8 @@ def test_image_to_image_outputs(client):
     ("teleport", {"image": ("a.png", png_bytes())}, {}, 404),
     ("edit", {"image": ("a.png", png_bytes())}, {}, 422),                                    # no instruction
     ("edit", {"image": ("a.png", png_bytes())}, {"instruction": "x", "warp": 1}, 422),
-    ("edit", {"image": ("a.png", png_bytes())}, {"instruction": "x", "params": "{}"}, 422),  # the old JSON field
+    ("edit", {"image": ("a.png", png_bytes())}, {"params": '{"warp": 1}'}, 422),  # the deprecated JSON field
+    ("edit", {"image": ("a.png", png_bytes())}, {"instruction": "x", "params": "not json"}, 422),
     ("virtual_staining", {"image": ("a.png", b"\x89PNG broken")}, {}, 400),
     ("virtual_staining", {"image": ("a.png", b"")}, {}, 400),
     ("virtual_staining", {"image": ("big.png", png_bytes((2000, 1000)))}, {}, 413),
@@ -395,7 +399,7 @@ def test_every_200_is_documented(client):
     form = client.get("/openapi.json").json()["components"]["schemas"]
     sr = next(v for k, v in form.items() if k.startswith("Body_") and "super_resolution" in k
               and "job" not in k)["properties"]
-    assert {p.name for p in TASKS.get("super_resolution").params} <= set(sr) and "params" not in sr
+    assert {p.name for p in TASKS.get("super_resolution").params} <= set(sr)
     assert sr["scale"]["enum"] == [2, 4] or sr["scale"].get("default") == 4
 
 

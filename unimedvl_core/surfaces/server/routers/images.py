@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from ....tasks.registry import Task, TaskRegistry, canonical_name
 from ..dependencies import Runner, RunnerDep, SettingsDep, authorized, known_form_fields
-from ..media import http_error, load_upload, result_response
+from ..media import http_error, load_upload, parse_params, result_response
 from ..responses import image_responses
 from ..schemas import JobInfo, OutputFormat, body_model, endpoint, image_to_image_tasks
 from .jobs import accepted
@@ -20,6 +20,8 @@ from .jobs import accepted
 __all__ = ["build_router"]
 
 OUTPUT = Form("png", description="png, npy, or dicom (DICOM inputs only)")
+PARAMS = Form(None, description="deprecated: parameters as one JSON object, taking precedence over the form "
+                                "fields (the typed fields above are the same parameters)")
 IMAGE = File(..., description="the input image: PNG/JPEG/TIFF, NumPy .npy or DICOM")
 
 
@@ -40,18 +42,22 @@ def _job_generate(task: Task, /, *, req: Any, runner: RunnerDep):
                                   None, params))
 
 
+def _values(values: dict, params: str | None) -> dict:
+    return {**values, **parse_params(params)} if params else values
+
+
 def _image_to_image(task: Task, /, *, runner: RunnerDep, settings: SettingsDep, image: UploadFile = IMAGE,
-                    output: OutputFormat = OUTPUT, **values: Any):
+                    output: OutputFormat = OUTPUT, params: str | None = PARAMS, **values: Any):
     """Run the task; the counterfactual's explanation comes in ``X-UniMedVL-Explanation``."""
-    params = runner.resolve(task, values)
+    params = runner.resolve(task, _values(values, params))
     src = load_upload(image, settings)
     return result_response(runner.run(task, src, params), output, src, runner.notice)
 
 
 def _job_image_to_image(task: Task, /, *, runner: RunnerDep, settings: SettingsDep, image: UploadFile = IMAGE,
-                        output: OutputFormat = OUTPUT, **values: Any):
+                        output: OutputFormat = OUTPUT, params: str | None = PARAMS, **values: Any):
     """Start the task as a job; poll ``GET /v1/jobs/{id}``, then fetch ``/result``."""
-    params = runner.resolve(task, values)
+    params = runner.resolve(task, _values(values, params))
     src = load_upload(image, settings)
     return accepted(runner.submit(task, runner.job_fn(task, src, params), {"output": output, "source": src}))
 
@@ -67,7 +73,7 @@ def _unknown(tasks: list[Task]):
 
 def _image_routes(router: APIRouter, task: Task) -> None:
     """The task's routes under its name; its dashed spelling and old names answer too (not in the schema)."""
-    check = [Depends(known_form_fields(task, "image", "output"))]
+    check = [Depends(known_form_fields(task, "image", "output", "params"))]
     spellings = dict.fromkeys([task.name, task.name.replace("_", "-"), *map(canonical_name, task.aliases)])
     for i, name in enumerate(spellings):
         router.add_api_route(f"/v1/image-to-image/{name}", endpoint(_image_to_image, task, form=task),

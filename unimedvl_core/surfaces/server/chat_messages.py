@@ -88,13 +88,13 @@ def _text(i: int, message: ChatMessage, max_chars: int) -> str:
 def to_turns(messages: list[ChatMessage], settings: Settings, vqa: Task) -> list[dict]:
     """The conversation ``UniMedVL.chat`` takes, checked (roles, order, text length, image count) before
     anything is queued; text limits are the registry's (``vqa``'s question)."""
+    count = sum(p.type == "image_url" for m in messages if not isinstance(m.content, str) for p in m.content)
+    if count > settings.max_images_per_request:  # counted before any is decoded
+        raise OpenAIHTTPError(400, f"{count} images exceed {settings.max_images_per_request} per request",
+                              "messages")
     max_chars = vqa.param("question").max_length
     turns = [{"role": "system" if m.role in ("system", "developer") else m.role,
               "content": _text(i, m, max_chars), "images": _images(i, m, settings)} for i, m in enumerate(messages)]
-    count = sum(len(t["images"]) for t in turns)
-    if count > settings.max_images_per_request:
-        raise OpenAIHTTPError(400, f"{count} images exceed {settings.max_images_per_request} per request",
-                              "messages")
     try:
         as_turns(turns)
     except ValueError as err:

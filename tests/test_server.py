@@ -435,3 +435,30 @@ def test_serve_honours_every_model_option(monkeypatch, tmp_path):
         assert seeds and set(seeds) == {42}
     assert main(["serve", "--ckpt", str(PARITY_CKPT), "--weights", "model", "--no-progress"]) == 2  # no such file
     assert main(["serve", "--seed", "-1", "--no-progress"]) == 2
+
+
+def test_a_stream_closed_early_cancels_its_job():
+    """A client that goes away mid-answer frees the model: the job stops at its next piece."""
+    from unimedvl_core.surfaces.server.dependencies import Runner
+    from unimedvl_core.surfaces.server.streaming import stream_job
+    from unimedvl_core.surfaces.server.worker import ModelWorker
+
+    sent = []
+
+    def make_fn(streamer):
+        def fn(job):
+            for i in range(200):
+                streamer(f"piece{i} ")
+                sent.append(i)
+                time.sleep(0.005)
+            return "all"
+        return fn
+
+    runner = Runner(model=None, worker=ModelWorker(), settings=Settings())
+    pieces = stream_job(runner, "chat", make_fn)
+    assert next(pieces) == ("token", "piece0 ")
+    pieces.close()
+    job = next(iter(runner.worker.jobs.values()))
+    assert job.done_event.wait(5) and job.status == "cancelled" and len(sent) < 200
+    full = list(stream_job(runner, "chat", make_fn))
+    assert full[-1] == ("done", "all") and len(full) == 201

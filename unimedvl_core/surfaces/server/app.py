@@ -70,8 +70,8 @@ def with_seed(registry: TaskRegistry, seed: int | None) -> TaskRegistry:
     schemas, ``GET /v1/tasks`` and every run agree on it; the registry itself when ``seed`` is None."""
     if seed is None:
         return registry
-    default = [t for t in registry if any(p.name == "seed" for p in t.params)][0].param("seed")
-    default.parse(seed)  # the registry's bounds
+    for param in (p for task in registry for p in task.params if p.name == "seed"):
+        param.parse(seed)  # within every task's bounds
     return TaskRegistry(dataclasses.replace(task, params=tuple(dataclasses.replace(p, default=seed)
                                                                if p.name == "seed" else p for p in task.params))
                         for task in registry)

@@ -363,6 +363,26 @@ def test_every_gui_setting_is_in_the_parameter_node():
     assert "QRadioButton" not in {cls for cls, _ in widgets.values()}  # no binding for radio buttons
 
 
+def test_the_parameter_node_class_is_built_from_the_table():
+    """What parameterNodeWrapper reads (type hints with their validators, class defaults), checked with
+    stand-ins for Slicer's wrapper and validators, which need Slicer's Qt."""
+    import typing
+    from dataclasses import dataclass as data
+
+    from UniMedVLLib.parameters import parameter_node_class
+
+    validators = type("Validators", (), {"Choice": data(type("Choice", (), {"__annotations__": {"choices": list}})),
+                                         "WithinRange": data(type("WithinRange", (), {"__annotations__": {
+                                             "minimum": float, "maximum": float}}))})
+    cls = parameter_node_class(lambda c: c, validators, slicer)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    assert list(hints) == [s.name for s in SETTINGS]
+    assert hints["inputVolume"] is slicer.vtkMRMLScalarVolumeNode and not hasattr(cls, "inputVolume")
+    assert typing.get_args(hints["sliceIndex"]) == (int, validators.WithinRange(0, 2**31 - 1))
+    assert typing.get_args(hints["backend"])[1].choices == ["UniMedVL server", "this computer"]
+    assert (cls.steps, cls.guidance, cls.useViewSlice, cls.conversation) == (49, 4.0, True, "")
+
+
 def test_spin_boxes_are_bounded_by_the_volume_and_the_registry(scene):
     from unimedvl_core.inference.embedded import load_default_model
 

@@ -179,9 +179,11 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.scaleCombo, [(str(s), s) for s in self.logic.core.choices("super_resolution",
                                                                                                   "scale")])):
             if [combo.itemData(i) for i in range(combo.count)] != [data for _, data in items]:
+                combo.blockSignals(True)  # refilling must not overwrite the saved choice
                 combo.clear()
                 for label, data in items:
                     combo.addItem(label, data)
+                combo.blockSignals(False)
         bounds = core.generation_bounds(registry)
         for spin in (self.ui.heightSpin, self.ui.widthSpin):
             spin.setRange(bounds["multiple"], bounds["max_side"])

@@ -25,8 +25,9 @@ from ..io.synthetic import is_own_output
 from ..tasks.catalog import TASKS
 from ..tasks.registry import Applicability, RunOptions
 
-__all__ = ["Checkpoint", "resolve_checkpoint", "brief_errors", "load_network", "list_inputs", "task_items", "LoadMedicalSlices", "LoadMedicalSlicesd", "TaskInferer",
-           "TaskRunner", "CurriculumData", "CurriculumTrainer", "EvaluationRunner", "read_lines"]
+__all__ = ["Checkpoint", "resolve_checkpoint", "brief_errors", "load_network", "list_inputs", "task_items",
+           "LoadMedicalSlices", "LoadMedicalSlicesd", "TaskInferer", "TaskRunner", "CurriculumData",
+           "CurriculumTrainer", "EvaluationRunner", "read_lines"]
 
 log = logging.getLogger(__name__)
 

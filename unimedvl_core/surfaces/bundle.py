@@ -34,6 +34,22 @@ log = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = (".nii.gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".dcm")
 
 
+def load_network(ckpt_dir: str | None = None, device: str | torch.device | None = None, dtype: str | None = None,
+                 progress: bool = False):
+    """The released checkpoint in ``ckpt_dir``, or the embedded default model when it is None."""
+    return load_model(ckpt_dir or None, device=device, dtype=dtype, progress=progress)
+
+
+def read_lines(path: str | None) -> list[str]:
+    """Questions or prompts from a file: a JSON list, or one per line."""
+    if not path:
+        return []
+    text = Path(path).read_text()
+    if text.lstrip().startswith("["):
+        return [str(q) for q in json.loads(text)]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 # Where ``python -m monai.bundle download_large_files`` puts the released checkpoint (large_files.yml paths).
 CHECKPOINT_SUBDIR = "models/UniMedVL"
 
@@ -105,22 +121,6 @@ def brief_errors(debug: bool = False) -> None:
         print(f"error: {text} (--debug True shows the traceback)", file=sys.stderr)
 
     sys.excepthook = hook
-
-
-def load_network(ckpt_dir: str | None = None, device: str | torch.device | None = None, dtype: str | None = None,
-                 progress: bool = False):
-    """The released checkpoint in ``ckpt_dir``, or the embedded default model when it is None."""
-    return load_model(ckpt_dir or None, device=device, dtype=dtype, progress=progress)
-
-
-def read_lines(path: str | None) -> list[str]:
-    """Questions or prompts from a file: a JSON list, or one per line."""
-    if not path:
-        return []
-    text = Path(path).read_text()
-    if text.lstrip().startswith("["):
-        return [str(q) for q in json.loads(text)]
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def list_inputs(dataset_dir: str | Path, include_synthetic: bool = False) -> list[dict]:

@@ -427,6 +427,7 @@ class UniMedVLTest(ScriptedLoadableModuleTest):
         self.assertTrue(slicer.util.saveScene(scene_file))
         slicer.mrmlScene.Clear()
         self.assertEqual(UniMedVLLogic().getParameterNode().sliceIndex, 0)  # a closed scene: the defaults
+        slicer.mrmlScene.Clear()
         slicer.util.loadScene(scene_file)
         restored = UniMedVLLogic().getParameterNode()
         self.assertEqual((restored.sliceIndex, restored.prompt), (3, "two lesions"))

@@ -144,6 +144,31 @@ def test_conversation_through_the_server(logic, scene):
     assert [t.role for t in logic.conversation.turns] == ["user", "assistant", "user", "assistant"]
 
 
+def test_questions_go_to_the_server_in_the_openai_format(scene):
+    import base64
+    import io
+
+    from UniMedVLLib.backends import openai_messages
+
+    def npy_url(array):  # what the client's data_url makes: a .npy in a base64 data URL
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        return "data:application/x-npy;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    volume, _ = make_volume(scene)
+    conversation = Conversation()
+    conversation.ask("Is there a lesion?", volume.GetID(), 1)
+    conversation.answer("yes")
+    conversation.ask("Where?", volume.GetID(), 2)
+    wire = openai_messages(conversation.messages(scene, UniMedVLLogic.display_slice), npy_url)
+    assert [m["role"] for m in wire] == ["user", "assistant", "user"] and wire[1]["content"] == "yes"
+    image_part, text_part = wire[2]["content"]
+    assert text_part == {"type": "text", "text": "Where?"} and image_part["type"] == "image_url"
+    sent = np.load(io.BytesIO(base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])))
+    assert np.array_equal(sent, UniMedVLLogic.display_slice(volume, 2))
+    json.dumps(wire)  # plain JSON, as the client posts it
+
+
 def test_generation_becomes_a_synthetic_volume(logic, scene):
     steps = []
     node = logic.generate(scene, "CT image with one lesion.", {"height": 32, "width": 48, "num_inference_steps": 2},

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["RemoteBackend", "LocalBackend", "shipped_module", "SHIPPED", "LOCAL_PACKAGE", "missing_local_requirements",
-           "load_local_backend"]
+__all__ = ["RemoteBackend", "LocalBackend", "openai_messages", "shipped_module", "SHIPPED", "LOCAL_PACKAGE",
+           "missing_local_requirements", "load_local_backend"]
 
 # unimedvl-core module -> the copy the build puts next to this file
 SHIPPED = {"surfaces.client": "unimedvl_client", "inference.prompts": "unimedvl_prompts"}
@@ -45,6 +45,20 @@ def missing_local_requirements() -> list[str]:
     return missing
 
 
+def openai_messages(messages: list[dict], data_url: Callable[[np.ndarray], str]) -> list[dict]:
+    """``UniMedVL.chat`` messages in the OpenAI chat format the server takes: a question with images becomes
+    content parts, its images (as ``data_url`` makes them) before its text, as the model reads them."""
+    out = []
+    for message in messages:
+        images = message.get("images") or []
+        if not images:
+            out.append({"role": message["role"], "content": message["content"]})
+            continue
+        parts = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+        out.append({"role": message["role"], "content": [*parts, {"type": "text", "text": message["content"]}]})
+    return out
+
+
 class RemoteBackend:
     """The UniMedVL server, through the dependency-free client."""
 
@@ -59,11 +73,14 @@ class RemoteBackend:
 
     def chat(self, messages: list[dict], max_new_tokens: int | None, on_text: Callable[[str], None] | None) -> str:
         """The conversation (``{"role", "content", "images"}`` messages, as ``UniMedVL.chat`` takes them)
-        through the server's OpenAI-compatible chat route; the reply arrives whole, then goes to ``on_text``."""
-        answer = self.client.chat(messages, **({"max_tokens": max_new_tokens} if max_new_tokens else {}))
-        if on_text is not None:
-            on_text(answer)
-        return answer
+        through the server's OpenAI-compatible chat route, streamed piece by piece to ``on_text``."""
+        wire = openai_messages(messages, shipped_module("surfaces.client").data_url)
+        pieces = []
+        for piece in self.client.chat(wire, max_tokens=max_new_tokens, stream=True):
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+        return "".join(pieces)
 
     def report(self, image: np.ndarray, max_new_tokens: int | None) -> str:
         return self.client.report(image, max_new_tokens=max_new_tokens)

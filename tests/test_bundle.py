@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -11,10 +12,14 @@ from pathlib import Path
 import nibabel as nib
 import pydicom
 import pytest
+import yaml
 from monai.bundle import ConfigWorkflow, verify_metadata
 from PIL import Image
 
 from unimedvl_core import UniMedVL
+from unimedvl_core.io.provenance import file_sha256
+
+from .conftest import PARITY_CKPT
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "monai_bundle"
@@ -204,3 +209,112 @@ def test_our_own_outputs_are_not_read_back_as_inputs(tiny_model, tmp_path):
     save_png(label_synthetic(Image.new("RGB", (32, 32)), "super_resolution"), data / "scan_sr.png")
     assert [Path(i["image"]).name for i in list_inputs(data)] == ["scan.png"]
     assert len(list_inputs(data, include_synthetic=True)) == 2
+
+
+# ----- model-zoo conventions -----
+ZOO_FILE_LIMIT = 25 * 2**20  # the zoo keeps files above 25 MB out of the repository (large_files.yml instead)
+# the fields the zoo's schema for Hugging Face-hosted models requires (docs/bundle.md#metadata)
+HF_REQUIRED = {"schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+               "required_packages_version", "name", "task", "description", "authors", "copyright", "huggingface_url"}
+
+
+def test_every_bundle_file_is_under_the_zoo_size_limit():
+    tracked = subprocess.run(["git", "ls-files", "monai_bundle"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert "monai_bundle/large_files.yml" in tracked and "monai_bundle/configs/metadata.json" in tracked
+    too_big = {p: (REPO / p).stat().st_size for p in tracked if (REPO / p).stat().st_size >= ZOO_FILE_LIMIT}
+    assert not too_big
+
+
+def test_metadata_has_the_hugging_face_fields():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert HF_REQUIRED <= set(meta)
+    assert meta["huggingface_url"] == f"https://huggingface.co/{meta['huggingface_model_id']}"
+    listing = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
+    for entry in listing:  # every download comes from the model id the metadata names
+        assert entry["url"].startswith(meta["huggingface_url"] + "/resolve/"), entry["url"]
+        assert entry["hash_type"] == "sha256" and re.fullmatch(r"|[0-9a-f]{64}", entry["hash_val"])
+
+
+def test_checkpoint_is_read_under_the_bundle_root(tmp_path, monkeypatch):
+    from unimedvl_core.surfaces.bundle import CHECKPOINT_SUBDIR, Checkpoint, resolve_checkpoint
+
+    root = tmp_path / "bundle"
+    root.mkdir()
+    shutil.copyfile(BUNDLE / "large_files.yml", root / "large_files.yml")
+    monkeypatch.chdir(tmp_path)
+    empty = resolve_checkpoint(None, str(root))
+    assert empty.path is None and "download_large_files" in empty.notice and "\n" not in empty.notice
+    shutil.copytree(PARITY_CKPT, root / CHECKPOINT_SUBDIR)
+    (root / CHECKPOINT_SUBDIR / "merges.txt").unlink()  # an unfinished download is not used
+    partial = resolve_checkpoint(None, str(root))
+    assert partial.path is None and "lacks merges.txt" in partial.notice
+    shutil.copyfile(PARITY_CKPT / "merges.txt", root / CHECKPOINT_SUBDIR / "merges.txt")
+    assert resolve_checkpoint(None, str(root)) == Checkpoint(str(root / CHECKPOINT_SUBDIR), None)
+    # a relative --ckpt_dir is the folder under bundle_root, not under the working directory
+    assert resolve_checkpoint(CHECKPOINT_SUBDIR, str(root)).path == str(root / CHECKPOINT_SUBDIR)
+    assert resolve_checkpoint("org/name", str(root)).path == "org/name"  # no such folder: a Hub id, passed on
+
+
+def test_a_downloaded_checkpoint_is_used_and_the_fallback_is_said(tmp_path):
+    """A bundle whose models/UniMedVL holds the download runs it (no notice); the bundle without it runs
+    the embedded model and says so in the log and results.json."""
+    root = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("models", "outputs", "runs", "eval"))
+    shutil.copytree(PARITY_CKPT, root / "models" / "UniMedVL")
+    common = ["--config_file", str(root / "configs" / "inference.json"), "--questions", "['How many lesions?']",
+              "--task_params#max_new_tokens", "2", "--dataset_dir", str(BUNDLE / "sample_data" / "dicom_ct_series")]
+    bundle_run("--bundle_root", str(root), *common, "--output_dir", str(tmp_path / "a"), cwd=tmp_path)
+    used = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert used["notice"] is None and used["weights"]["demo"] is False
+    assert used["weights"]["sha256"] == file_sha256(PARITY_CKPT / "ema.safetensors")
+    shutil.rmtree(root / "models")
+    run = bundle_run("--bundle_root", str(root), *common, "--output_dir", str(tmp_path / "b"), cwd=tmp_path)
+    fallback = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert fallback["weights"]["demo"] is True and "download_large_files" in fallback["notice"]
+    assert fallback["notice"] in run.stdout + run.stderr
+
+
+def test_bad_inputs_are_recorded_and_leave_no_stray_files(tmp_path):
+    """Unreadable inputs are errors in results.json, the good input is done, no traceback; a bad setting
+    stops the run with one line naming it, before any output folder exists."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(BUNDLE / "sample_data" / "ct_phantom.png", data / "ct_phantom.png")
+    (data / "broken.png").write_bytes(b"\x89PNG not really")
+    (data / "broken.nii.gz").write_bytes(b"not a volume")
+    out = tmp_path / "out"
+    run = bundle_run("--config_file", str(CONFIGS / "inference.json"), "--dataset_dir", str(data), "--output_dir",
+                     str(out), "--task", "edit", "--task_params#instruction", "Brighten it.",
+                     "--task_params#num_inference_steps", "1", cwd=tmp_path)
+    assert "Traceback" not in run.stderr
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["status"] == "partial"
+    assert sorted(Path(e["input"]).name for e in summary["errors"]) == ["broken.nii.gz", "broken.png"]
+    listed = {Path(p).name for r in summary["results"] for p in r.get("outputs", [])}
+    assert {p.name for p in out.iterdir()} == listed | {"results.json"} and listed == {"ct_phantom.png"}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file",
+           str(CONFIGS / "inference.json"), "--dataset_dir", str(data), "--output_dir", str(tmp_path / "bad"),
+           "--task", "super_resolution", "--task_params#scale", "3"]
+    failed = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "scale" in last
+    assert not (tmp_path / "bad").exists()
+
+
+def test_an_output_that_cannot_be_written_is_recorded_and_removed(tiny_model, tmp_path):
+    """The PNG of a DICOM input is written, then its DICOM cannot be (a folder holds the name): the record
+    says failed, and the PNG is gone, so no file lacks its record."""
+    from unimedvl_core.surfaces.bundle import LoadMedicalSlicesd, TaskInferer, TaskRunner, list_inputs
+
+    items = list_inputs(BUNDLE / "sample_data" / "dicom_ct_series")
+    dataset = [LoadMedicalSlicesd()(item) for item in items]
+    out = tmp_path / "out"
+    (out / "dicom_slice0001.dcm").mkdir(parents=True)
+    inferer = TaskInferer("super_resolution", {"scale": 2, "num_inference_steps": 1})
+    summary = TaskRunner(tiny_model, dataset, inferer, str(out), progress=False).run()
+    record = summary["results"][0]
+    assert record["status"] == "failed" and record["reason"].startswith("IsADirectoryError")
+    assert "outputs" not in record and summary["status"] == "failed"
+    assert sorted(p.name for p in out.iterdir()) == ["dicom_slice0001.dcm", "results.json"]

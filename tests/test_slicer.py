@@ -1,5 +1,6 @@
 """The Slicer extension: its Qt-free logic on MRML nodes (slicer-core) against a real server process on
-loopback running a small model, and the module and CMake files."""
+loopback running a small model and against a model in this process, its settings and conversation through a
+saved and reloaded scene, the client shipped for a bare Slicer, and the module, CMake and catalog files."""
 
 from __future__ import annotations
 
@@ -25,9 +26,21 @@ sys.path.insert(0, str(EXT))
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 vtk = pytest.importorskip("vtk")
 
-from UniMedVLLib.logic import SYNTHETIC_ATTRIBUTE, RemoteBackend, UniMedVLLogic, volume_array  # noqa: E402
+from UniMedVLLib.backends import LocalBackend, RemoteBackend, missing_local_requirements, shipped_module  # noqa: E402
+from UniMedVLLib.conversation import Conversation  # noqa: E402
+from UniMedVLLib.jobs import BackgroundJob  # noqa: E402
+from UniMedVLLib.logic import (  # noqa: E402
+    NOTICE_ATTRIBUTE,
+    SYNTHETIC_ATTRIBUTE,
+    UniMedVLLogic,
+    generation_bounds,
+    slice_count,
+    volume_array,
+)
+from UniMedVLLib.parameters import MANUAL_WIDGETS, SETTINGS, UNSAVED_WIDGETS, checkpoint_folder  # noqa: E402
 
-from unimedvl_core.surfaces.client import Cancelled, ServerError  # noqa: E402
+from unimedvl_core.io.provenance import DEMO_NOTICE  # noqa: E402
+from unimedvl_core.surfaces.client import Cancelled, ServerError, UniMedVLClient  # noqa: E402
 
 from .conftest import PARITY_CKPT  # noqa: E402
 
@@ -112,16 +125,48 @@ def test_display_slice_and_slice_lookup(scene):
         UniMedVLLogic.slice_index_from_ras(volume, (0, 0, 13.0), (1, 0, 0))  # a sagittal view
 
 
-def test_ask_and_report_through_the_server(logic, scene):
+def test_report_through_the_server(logic, scene):
+    volume, _ = make_volume(scene)
+    report, report_node = logic.report(volume, 1, max_new_tokens=6)
+    assert report_node.GetText().startswith(report)
+    assert report_node.GetAttribute("UniMedVL.Weights").startswith(logic.info["model"])
+    assert logic.notice is None and report_node.GetAttribute(NOTICE_ATTRIBUTE) is None  # real (parity) weights
+
+
+def test_conversation_through_the_server(logic, scene):
+    if not hasattr(UniMedVLClient, "chat"):
+        pytest.skip("UniMedVLClient.chat comes with the server's /v1/chat/completions (issue 15, point 3)")
     volume, _ = make_volume(scene)
     pieces = []
-    answer, node = logic.ask(volume, 1, "Is there a lesion?", max_new_tokens=6, on_text=pieces.append)
-    assert isinstance(answer, str) and "".join(pieces) == answer
-    assert node.GetText() == f"Q: Is there a lesion?\nA: {answer}"
-    assert logic.history[-1].slice_index == 1
-    report, report_node = logic.report(volume, 1, max_new_tokens=6)
-    assert report_node.GetText() == report
-    assert scene.GetNumberOfNodesByClass("vtkMRMLTextNode") == 2
+    first, _ = logic.ask(volume, 1, "Is there a lesion?", max_new_tokens=6, on_text=pieces.append)
+    second, node = logic.ask(volume, 2, "And here?", max_new_tokens=6)
+    assert "".join(pieces) == first and node.GetText() == f"Q: And here?\nA: {second}"
+    assert [t.role for t in logic.conversation.turns] == ["user", "assistant", "user", "assistant"]
+
+
+def test_questions_go_to_the_server_in_the_openai_format(scene):
+    import base64
+    import io
+
+    from UniMedVLLib.backends import openai_messages
+
+    def npy_url(array):  # what the client's data_url makes: a .npy in a base64 data URL
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        return "data:application/x-npy;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    volume, _ = make_volume(scene)
+    conversation = Conversation()
+    conversation.ask("Is there a lesion?", volume.GetID(), 1)
+    conversation.answer("yes")
+    conversation.ask("Where?", volume.GetID(), 2)
+    wire = openai_messages(conversation.messages(scene, UniMedVLLogic.display_slice), npy_url)
+    assert [m["role"] for m in wire] == ["user", "assistant", "user"] and wire[1]["content"] == "yes"
+    image_part, text_part = wire[2]["content"]
+    assert text_part == {"type": "text", "text": "Where?"} and image_part["type"] == "image_url"
+    sent = np.load(io.BytesIO(base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])))
+    assert np.array_equal(sent, UniMedVLLogic.display_slice(volume, 2))
+    json.dumps(wire)  # plain JSON, as the client posts it
 
 
 def test_generation_becomes_a_synthetic_volume(logic, scene):
@@ -169,42 +214,321 @@ def test_server_errors_reach_the_logic(logic, scene):
     with pytest.raises(ValueError, match="unknown (image-to-image )?task"):
         logic.image_to_image(volume, 1, "teleport")
     with pytest.raises(ServerError) as err:
-        UniMedVLLogic(RemoteBackend(logic.backend.client.url, "wrong")).compute_report(np.zeros((8, 8), np.uint8))
+        UniMedVLLogic(RemoteBackend(logic.backend.client.url, "wrong"))
     assert err.value.status == 401
+
+
+# ----- local mode: the model in this process -----
+@pytest.fixture(scope="module")
+def local_logic():
+    from unimedvl_core import UniMedVL
+
+    return UniMedVLLogic(LocalBackend(UniMedVL.from_pretrained(PARITY_CKPT, device="cpu", progress=False)))
+
+
+def test_the_conversation_is_sent_whole(local_logic, scene):
+    """The second question goes to the model with the first question, its slice and its answer: the answer
+    is the model's answer to the whole conversation, not to the last question alone."""
+    volume, _ = make_volume(scene)
+    local_logic.conversation = Conversation()
+    first, _ = local_logic.ask(volume, 1, "How many lesions are there?", max_new_tokens=8)
+    streamed = []
+    second, node = local_logic.ask(volume, 2, "Is there a lesion?", max_new_tokens=8, on_text=streamed.append)
+    model = local_logic.backend.model
+    expected = model.chat([
+        {"role": "user", "content": "How many lesions are there?", "images": [UniMedVLLogic.display_slice(volume, 1)]},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "Is there a lesion?", "images": [UniMedVLLogic.display_slice(volume, 2)]}],
+        max_new_tokens=8)
+    single = model.answer(UniMedVLLogic.display_slice(volume, 2), "Is there a lesion?", max_new_tokens=8)
+    assert second == expected == "".join(streamed) and second != single
+    assert node.GetText().startswith(f"Q: Is there a lesion?\nA: {second}")
+
+
+def test_a_failed_answer_leaves_the_conversation_as_it_was(local_logic, scene):
+    volume, _ = make_volume(scene)
+    local_logic.conversation = Conversation()
+    with pytest.raises(ValueError, match="outside the volume"):
+        local_logic.ask(volume, 7, "Is there a lesion?")
+    assert local_logic.conversation.turns == []
+
+
+def test_the_demo_models_notice_goes_with_its_outputs(scene, tmp_path):
+    from unimedvl_core.inference.embedded import load_default_model
+
+    logic = UniMedVLLogic(LocalBackend(load_default_model("cpu", None, False)))
+    assert logic.notice == DEMO_NOTICE
+    node = logic.add_text_node(scene, "answer", "Q: ?\nA: yes")
+    assert node.GetText().count(DEMO_NOTICE) == 1 and node.GetAttribute(NOTICE_ATTRIBUTE) == DEMO_NOTICE
+    conversation = Conversation()
+    conversation.ask("a?", "vtkMRMLScalarVolumeNode1", 0)
+    conversation.answer("yes")
+    conversation.ask("b?", "vtkMRMLScalarVolumeNode1", 0)
+    conversation.answer("no")
+    assert conversation.transcript(logic.notice).count(DEMO_NOTICE) == 1  # once, not with every answer
+    image = logic.add_image_node(scene, np.zeros((16, 16), np.uint8), "x", "text-to-image: x")
+    assert image.GetAttribute(SYNTHETIC_ATTRIBUTE) == "YES" and image.GetAttribute(NOTICE_ATTRIBUTE) == DEMO_NOTICE
+    assert image.GetName().startswith("AI-generated (synthetic)")
+
+
+def test_loading_runs_off_the_calling_thread_with_progress():
+    import threading
+
+    from UniMedVLLib.backends import load_local_backend
+
+    caller = threading.get_ident()
+    ran_on = []
+
+    def work(progress, cancelled, text):
+        ran_on.append(threading.get_ident())
+        return load_local_backend(str(PARITY_CKPT), device="cpu", progress=progress)
+
+    job = BackgroundJob(work).start()
+    events = job.wait(timeout=300)
+    assert ran_on and ran_on[0] != caller and job.finished
+    assert [e[1] for e in events if e[0] == "progress"] == [(0, 3), (1, 3), (3, 3)]
+    kind, backend = events[-1]
+    assert kind == "done" and backend.info()["weights"]["demo"] is False
+    failing = BackgroundJob(lambda progress, cancelled, text: load_local_backend(str(PARITY_CKPT / "nope"))).start()
+    kind, err = failing.wait(timeout=60)[-1]
+    assert kind == "error" and "nope" in str(err)
+
+
+def test_a_job_hears_cancel_and_streams_text():
+    import threading
+
+    started = threading.Event()
+
+    def work(progress, cancelled, text):
+        text("a")
+        started.set()
+        while not cancelled():
+            threading.Event().wait(0.01)
+        return "stopped"
+
+    job = BackgroundJob(work).start()
+    started.wait(5)
+    job.cancel()
+    assert job.wait(timeout=5) == [("text", "a"), ("done", "stopped")]
+
+
+# ----- settings and conversation saved with the scene -----
+def _save_and_reload(scene, folder):
+    for node in [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                 for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]:
+        storage = node.CreateDefaultStorageNode()
+        storage.SetFileName(str(folder / f"{node.GetName()}.nrrd"))
+        scene.AddNode(storage)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        assert storage.WriteData(node)
+    scene.SetURL(str(folder / "scene.mrml"))
+    assert scene.Commit()
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetURL(str(folder / "scene.mrml"))
+    assert loaded.Connect()
+    return loaded
+
+
+def test_the_conversation_comes_back_with_the_scene(scene, tmp_path):
+    """Kept in the parameter node (a scripted module node's parameter), the conversation survives saving and
+    loading the scene, and its questions are sent again with the same slices."""
+    volume, _ = make_volume(scene)
+    conversation = Conversation()
+    conversation.ask("How many lesions are there?", volume.GetID(), 1)
+    conversation.answer("one")
+    conversation.ask("Is it round?", volume.GetID(), 2)
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "UniMedVL")
+    node.SetParameter("conversation", conversation.to_json())
+    before = conversation.messages(scene, UniMedVLLogic.display_slice)
+    loaded = _save_and_reload(scene, tmp_path)
+    text = loaded.GetFirstNodeByName("UniMedVL").GetParameter("conversation")
+    after = Conversation.from_json(text).messages(loaded, UniMedVLLogic.display_slice)
+    assert [(m["role"], m["content"]) for m in after] == [(m["role"], m["content"]) for m in before]
+    assert all(np.array_equal(a, b) for x, y in zip(after, before) for a, b in zip(x.get("images", []),
+                                                                                   y.get("images", [])))
+    loaded.RemoveNode(loaded.GetFirstNodeByName("phantom"))
+    with pytest.raises(ValueError, match="no longer in the scene"):
+        Conversation.from_json(text).messages(loaded, UniMedVLLogic.display_slice)
+    with pytest.raises(ValueError, match="cannot be read"):
+        Conversation.from_json("[{\"who\": 1}]")
+    assert Conversation.from_json("").turns == []
+
+
+def _ui_widgets():
+    tree = ET.parse(EXT / "Resources" / "UI" / "UniMedVL.ui")
+    out = {}
+    for widget in tree.iter("widget"):
+        prop = next((p for p in widget.findall("property") if p.get("name") == "SlicerParameterName"), None)
+        out[widget.get("name")] = (widget.get("class"), prop.find("string").text if prop is not None else None)
+    return out
+
+
+# the widget classes parameterNodeWrapper can bind to each kind of setting (docs/slicer.md#settings)
+BINDABLE = {"node": {"qMRMLNodeComboBox"}, "bool": {"QCheckBox"}, "int": {"QSpinBox", "QSlider"},
+            "float": {"QDoubleSpinBox", "ctkSliderWidget"}, "str": {"QLineEdit", "QTextEdit"},
+            "path": {"ctkPathLineEdit"}, "choice": {"QComboBox"}}
+INPUTS = {"QLineEdit", "QSpinBox", "QDoubleSpinBox", "QComboBox", "QCheckBox", "QRadioButton", "ctkPathLineEdit",
+          "qMRMLNodeComboBox", "QSlider", "ctkSliderWidget", "QTextEdit"}
+
+
+def test_every_gui_setting_is_in_the_parameter_node():
+    widgets, settings = _ui_widgets(), {s.name: s for s in SETTINGS}
+    bound = {name: parameter for name, (_, parameter) in widgets.items() if parameter}
+    assert bound == {s.widget: s.name for s in SETTINGS if s.widget}  # the .ui and the table agree
+    for widget, parameter in bound.items():
+        assert widgets[widget][0] in BINDABLE[settings[parameter].kind], (widget, parameter)
+    unsaved = {n for n, (cls, parameter) in widgets.items() if cls in INPUTS and not parameter}
+    assert unsaved == set(MANUAL_WIDGETS) | UNSAVED_WIDGETS
+    assert set(MANUAL_WIDGETS.values()) <= set(settings)
+    for s in SETTINGS:  # defaults are values the bindings accept
+        assert s.choices is None or s.default in s.choices, s.name
+        assert s.minimum is None or s.minimum <= s.default <= s.maximum, s.name
+    assert checkpoint_folder(settings["checkpoint"].default) is None
+    assert checkpoint_folder("/m/UniMedVL") == "/m/UniMedVL"
+    assert "QRadioButton" not in {cls for cls, _ in widgets.values()}  # no binding for radio buttons
+
+
+def test_the_parameter_node_class_is_built_from_the_table():
+    """What parameterNodeWrapper reads (type hints with their validators, class defaults), checked with
+    stand-ins for Slicer's wrapper and validators, which need Slicer's Qt."""
+    import typing
+    from dataclasses import dataclass as data
+
+    from UniMedVLLib.parameters import parameter_node_class
+
+    validators = type("Validators", (), {"Choice": data(type("Choice", (), {"__annotations__": {"choices": list}})),
+                                         "WithinRange": data(type("WithinRange", (), {"__annotations__": {
+                                             "minimum": float, "maximum": float}}))})
+    cls = parameter_node_class(lambda c: c, validators, slicer)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    assert list(hints) == [s.name for s in SETTINGS]
+    assert hints["inputVolume"] is slicer.vtkMRMLScalarVolumeNode and not hasattr(cls, "inputVolume")
+    assert typing.get_args(hints["sliceIndex"]) == (int, validators.WithinRange(0, 2**31 - 1))
+    assert typing.get_args(hints["backend"])[1].choices == ["UniMedVL server", "this computer"]
+    assert (cls.steps, cls.guidance, cls.useViewSlice, cls.conversation) == (49, 4.0, True, "")
+
+
+def test_spin_boxes_are_bounded_by_the_volume_and_the_registry(scene):
+    from unimedvl_core.inference.embedded import load_default_model
+
+    volume, _ = make_volume(scene)
+    assert slice_count(volume) == 3 and slice_count(None) == 0
+    logic = UniMedVLLogic(LocalBackend(load_default_model("cpu", None, False)))
+    bounds = generation_bounds(logic.registry)
+    limits = logic.info
+    assert (bounds["max_side"], bounds["multiple"]) == (limits["max_image_side"], limits["size_multiple"])
+    assert bounds["default_size"] == limits["default_size"]
+    assert bounds["steps"] == (1, 200, 49) and bounds["guidance"][2] == 4.0
+    assert logic.choices("super_resolution", "scale") == [2, 4]  # no 3
+    ui = ET.parse(EXT / "Resources" / "UI" / "UniMedVL.ui")
+    classes = {w.get("name"): w.get("class") for w in ui.iter("widget")}
+    assert classes["scaleCombo"] == "QComboBox" and "scaleSpin" not in classes
+
+
+# ----- remote mode in a bare Slicer: the shipped client -----
+def _build_shipped(tmp_path) -> Path:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    stub = "".join(f"macro({m})\nendmacro()\n" for m in ("slicerMacroBuildScriptedModule",
+                                                          "slicer_add_python_unittest", "install"))
+    script = tmp_path / "build.cmake"
+    script.write_text(stub + f'set(CMAKE_BINARY_DIR "{tmp_path / "build"}")\n'
+                      "set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/qt-scripted-modules)\n"
+                      f'include("{EXT / "CMakeLists.txt"}")\n')
+    out = subprocess.run([cmake, "-P", str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return tmp_path / "build" / "lib" / "qt-scripted-modules"
+
+
+def test_the_build_ships_the_client_and_a_bare_slicer_uses_it(tmp_path, server_url):
+    """CMake copies unimedvl-core's client and prompts into UniMedVLLib; with unimedvl-core not importable
+    (a bare Slicer), the backend takes the copies and talks to the server; with it, the package's modules."""
+    lib = _build_shipped(tmp_path)
+    client = lib / "UniMedVLLib" / "unimedvl_client.py"
+    assert client.read_text() == (REPO / "unimedvl_core" / "surfaces" / "client.py").read_text()
+    assert shipped_module("surfaces.client").__name__ == "unimedvl_core.surfaces.client"
+    # the build tree's UniMedVLLib: the module's sources (as the build copies them) next to the shipped files
+    for source in (EXT / "UniMedVLLib").glob("*.py"):
+        shutil.copyfile(source, lib / "UniMedVLLib" / source.name)
+    probe = (f"import sys; sys.modules['unimedvl_core'] = None; sys.path.insert(0, {str(lib)!r})\n"
+             "from UniMedVLLib.backends import RemoteBackend, shipped_module, missing_local_requirements\n"
+             "from UniMedVLLib.logic import UniMedVLLogic\n"
+             f"logic = UniMedVLLogic(RemoteBackend({server_url!r}, {TOKEN!r}))\n"
+             "print(shipped_module('surfaces.client').__file__)\n"
+             "print(logic.info['model'], missing_local_requirements())\n"
+             "print(logic.text_to_image_prompt('CT', 'two lesions.'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shipped_file, info, prompt = out.stdout.strip().splitlines()
+    assert Path(shipped_file) == client
+    assert info.endswith("['unimedvl-core']")
+    from unimedvl_core.inference.prompts import text_to_image_prompt
+
+    assert prompt == text_to_image_prompt("CT", "two lesions.")
+
+
+def test_missing_local_requirements_names_what_to_install():
+    assert missing_local_requirements() == []
+    probe = (f"import sys; sys.modules['torch'] = None; sys.path.insert(0, {str(EXT)!r})\n"
+             "from UniMedVLLib.backends import missing_local_requirements; print(missing_local_requirements())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.stdout.strip() == "['torch', 'unimedvl-core']", out.stderr[-2000:]
 
 
 # ----- the module's files -----
 def test_module_file_widget_names_exist_in_the_ui():
     source = (EXT / "UniMedVL.py").read_text()
-    ast.parse(source)
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     names = {w.get("name") for w in ET.parse(EXT / "Resources" / "UI" / "UniMedVL.ui").iter("widget")}
     assert used and used <= names, used - names
     tree = ast.parse(source)
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
-    assert {"UniMedVL", "UniMedVLWidget", "UniMedVLTest"} <= classes
-    assert any(n.name.endswith("Logic") or "Logic" in n.name for n in tree.body if isinstance(n, ast.ClassDef))
+    assert classes == {"UniMedVL", "UniMedVLLogic", "UniMedVLWidget", "UniMedVLTest"}  # nothing unused
+    for method in ("setParameterNode", "initializeParameterNode", "onSceneStartClose", "onSceneEndClose"):
+        assert f"def {method}(" in source, method
+    assert "installTorch(askConfirmation=True)" in source and "pip_install(LOCAL_PACKAGE)" in source
+    assert "unimedvl_core" not in source  # a bare Slicer has no unimedvl-core: only UniMedVLLib imports it
 
 
-def test_cmake_and_catalog_files(tmp_path):
+# What the current Extensions Index entries carry (docs/slicer.md#extensions-index): the catalog entry schema
+# v1.0.1 allows these keys only, requires three, and knows two source control types and three tiers.
+CATALOG_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["$schema", "category", "scm_url"],
+    "properties": {"$schema": {"type": "string"}, "category": {"type": "string"}, "scm_url": {"type": "string"},
+                   "scm_revision": {"type": "string"}, "scm_type": {"enum": ["git", "local"]},
+                   "build_dependencies": {"type": "array", "items": {"type": "string"}},
+                   "build_subdirectory": {"type": "string"}, "enabled": {"type": "boolean"},
+                   "tier": {"enum": [1, 3, 5]}}}
+SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#"
+
+
+def test_catalog_entry_follows_the_extensions_index():
+    jsonschema = pytest.importorskip("jsonschema")
+    path = REPO / "slicer_extension" / "UniMedVL.json"
+    raw = path.read_bytes()
+    assert b"\r" not in raw and raw.endswith(b"\n")  # the index's checks want LF line endings
+    entry = json.loads(raw)
+    jsonschema.validate(entry, CATALOG_SCHEMA)
+    assert entry["$schema"] == SCHEMA_URL
+    assert entry["scm_url"].startswith("https://") and entry["category"] == "Image Synthesis"
+    assert entry["build_dependencies"] == ["PyTorch"]  # PyTorchUtils installs torch for local mode
+    top = (REPO / "CMakeLists.txt").read_text()
+    assert re.search(r"project\((\w+)\)", top).group(1) == path.stem  # the index matches them by name
+    assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in top and 'set(EXTENSION_DEPENDS "PyTorch")' in top
+    for key in ("scmurl", "scmrevision"):  # the old key spellings the current index no longer accepts
+        assert key not in entry
+
+
+def test_cmake_files(tmp_path):
     top = (REPO / "CMakeLists.txt").read_text()
     assert "find_package(Slicer REQUIRED)" in top and "include(${Slicer_EXTENSION_CPACK})" in top
     subdir = re.search(r"add_subdirectory\((\S+)\)", top).group(1)
     module = (REPO / subdir / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule" in module
-    listed = re.findall(r"\$\{MODULE_NAME\}([\w./]*)", module)
-    for suffix in listed:
-        if suffix.startswith((".py", "Lib/")):
-            assert (REPO / subdir / f"UniMedVL{suffix}").is_file(), suffix
+    listed = set(re.findall(r"\$\{MODULE_NAME\}(Lib/\w+\.py)", module))
+    assert listed == {f"Lib/{p.name}" for p in (EXT / "UniMedVLLib").glob("*.py")}  # every module file ships
     for resource in re.findall(r"(Resources/[\w./${}]+)", module):
         assert (REPO / subdir / resource.replace("${MODULE_NAME}", "UniMedVL")).is_file(), resource
-    catalog = json.loads((REPO / "slicer_extension" / "UniMedVL.json").read_text())
-    assert {"$schema", "build_subdirectory", "category", "scmurl", "scmrevision"} <= set(catalog)
-    cmake = shutil.which("cmake")
-    if cmake:
-        # the files parse as CMake: a script mode run of the module file with the Slicer macro stubbed
-        stub = "macro(slicerMacroBuildScriptedModule)\nendmacro()\nmacro(slicer_add_python_unittest)\nendmacro()\n"
-        script = tmp_path / "cmake_check.cmake"
-        script.write_text(stub + f'set(BUILD_TESTING ON)\ninclude("{REPO / subdir / "CMakeLists.txt"}")\n')
-        out = subprocess.run([cmake, "-P", str(script)], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
+    _build_shipped(tmp_path)  # the files parse and run as CMake, with Slicer's macros stubbed

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,9 @@ from ..io.synthetic import is_own_output
 from ..tasks.catalog import TASKS
 from ..tasks.registry import Applicability, RunOptions
 
-__all__ = ["load_network", "list_inputs", "task_items", "LoadMedicalSlices", "LoadMedicalSlicesd", "TaskInferer",
-           "TaskRunner", "CurriculumData", "CurriculumTrainer", "EvaluationRunner", "read_lines"]
+__all__ = ["Checkpoint", "resolve_checkpoint", "brief_errors", "load_network", "list_inputs", "task_items",
+           "LoadMedicalSlices", "LoadMedicalSlicesd", "TaskInferer", "TaskRunner", "CurriculumData",
+           "CurriculumTrainer", "EvaluationRunner", "read_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +35,13 @@ _IMAGE_SUFFIXES = (".nii.gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", 
 
 
 def load_network(ckpt_dir: str | None = None, device: str | torch.device | None = None, dtype: str | None = None,
-                 progress: bool = False, quantization: str | None = None, residency: str = "all"):
-    """The released checkpoint in ``ckpt_dir``, or the embedded default model when it is None; ``quantization``
-    and ``residency`` as in ``UniMedVL.from_pretrained`` (docs/quantization.md)."""
+                 progress: bool = False, revision: str | None = None, quantization: str | None = None,
+                 residency: str = "all"):
+    """The released checkpoint in ``ckpt_dir`` (a folder, or a Hub id at ``revision``), or the embedded
+    default model when it is None; ``quantization`` and ``residency`` as in ``UniMedVL.from_pretrained``
+    (docs/quantization.md)."""
     return load_model(ckpt_dir or None, device=device, dtype=dtype, progress=progress, quantization=quantization,
-                      residency=residency)
+                      residency=residency, **({"revision": revision} if ckpt_dir and revision else {}))
 
 
 def read_lines(path: str | None) -> list[str]:
@@ -47,6 +52,79 @@ def read_lines(path: str | None) -> list[str]:
     if text.lstrip().startswith("["):
         return [str(q) for q in json.loads(text)]
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# Where ``python -m monai.bundle download_large_files`` puts the released checkpoint (large_files.yml paths).
+CHECKPOINT_SUBDIR = "models/UniMedVL"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The weights a bundle run loads: a folder, or None for the embedded model; ``notice`` is the one line
+    the log and ``results.json`` carry when the bundle falls back to the embedded model."""
+
+    path: str | None
+    notice: str | None = None
+
+
+def _expected_files(bundle_root: Path) -> list[str]:
+    """The checkpoint's file names as ``large_files.yml`` lists them (one source of truth for the download)."""
+    import yaml
+
+    listing = bundle_root / "large_files.yml"
+    if not listing.is_file():
+        return ["ema.safetensors", "llm_config.json"]
+    entries = yaml.safe_load(listing.read_text()).get("large_files", [])
+    prefix = CHECKPOINT_SUBDIR + "/"
+    return [e["path"][len(prefix):] for e in entries if e["path"].startswith(prefix)]
+
+
+def resolve_checkpoint(ckpt_dir: str | None = None, bundle_root: str = ".") -> Checkpoint:
+    """The bundle's ``ckpt_dir``: a relative folder is read under ``bundle_root`` (as the zoo's bundles do),
+    an absolute one as it is, a Hub id ("org/name", no such folder) is passed on. Unset: ``models/UniMedVL``
+    under ``bundle_root`` when the download is complete there, else the embedded model, with a notice."""
+    root = Path(bundle_root)
+    if ckpt_dir:
+        path = Path(ckpt_dir)
+        if not path.is_absolute() and (root / path).exists():
+            path = root / path
+        return Checkpoint(str(path))
+    folder = root / CHECKPOINT_SUBDIR
+    missing = [name for name in _expected_files(root) if not (folder / name).is_file()]
+    if not missing:
+        return Checkpoint(str(folder))
+    why = "is not there" if not folder.is_dir() else f"lacks {', '.join(missing)}"
+    notice = (f"{CHECKPOINT_SUBDIR} under the bundle root {why} (python -m monai.bundle download_large_files "
+              f"--bundle_path {bundle_root}): running the embedded phantom-only demonstration model")
+    log.warning(notice)
+    return Checkpoint(None, notice)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    seen = set()
+    while id(err) not in seen and (err.__cause__ or err.__context__) is not None:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def brief_errors(debug: bool = False) -> None:
+    """The bundle's ``initialize``: under ``python -m monai.bundle``, an error that stops the run prints one
+    line naming its cause (not MONAI's chain of ConfigExpression tracebacks); ``--debug True`` keeps the
+    traceback. Python callers of the workflow get the exceptions unchanged."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if debug or spec is None or not spec.name.startswith("monai.bundle"):
+        return
+
+    def hook(kind, err, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return
+        cause = _root_cause(err)
+        text = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        print(f"error: {text} (--debug True shows the traceback)", file=sys.stderr)
+
+    sys.excepthook = hook
 
 
 def list_inputs(dataset_dir: str | Path, include_synthetic: bool = False) -> list[dict]:
@@ -158,7 +236,7 @@ class TaskInferer:
             return {"status": "done", "reason": None, "result": self.spec.run(network, src, params, RunOptions())}
         except Exception as err:  # one failed run is recorded; the others go on
             log.warning("%s failed: %s", self.task, err)
-            return {"status": "failed", "reason": f"{type(err).__name__}: {err}".splitlines()[0], "result": None}
+            return {"status": "failed", "reason": _one_line(err), "result": None}
 
     def __call__(self, network, item: dict) -> list[dict]:
         if not self.spec.needs_image:
@@ -178,11 +256,28 @@ class TaskInferer:
 class TaskRunner:
     """The bundle's evaluator: every item of the dataset through the inferer; one record per run in
     ``results.json`` (status and reason, task parameters, text), images as labelled PNG plus DICOM (DICOM
-    inputs) or NIfTI (NIfTI inputs) in ``output_dir``. A run that fails is recorded and the others go on."""
+    inputs) or NIfTI (NIfTI inputs) in ``output_dir``. An input that cannot be read, a run that fails and an
+    output that cannot be written are recorded (one line each) and the others go on; a failed write leaves no
+    file behind, and ``results.json`` is written even when the run is interrupted, so that every file in
+    ``output_dir`` is listed in it. ``notice`` (the checkpoint choice, see ``resolve_checkpoint``) is recorded."""
 
-    def __init__(self, network, dataset, inferer: TaskInferer, output_dir: str, progress: bool = True):
+    def __init__(self, network, dataset, inferer: TaskInferer, output_dir: str, progress: bool = True,
+                 notice: str | None = None):
         self.network, self.dataset, self.inferer = network, dataset, inferer
-        self.output_dir, self.progress = Path(output_dir), progress
+        self.output_dir, self.progress, self.notice = Path(output_dir), progress, notice
+
+    def _write(self, result, record: dict, name: str, series_uid: str, n: int) -> list[str]:
+        stem = name if record["slice"] is None else f"{name}_slice{record['slice']:04d}"
+        stem += f"_{n:02d}" if len(self.inferer.values()) > 1 else ""
+        before = set(self.output_dir.iterdir())
+        try:
+            paths = write_image_outputs(result.image, record["source"], self.output_dir / stem, result.task,
+                                        result.image.info.get("Description", ""), series_uid, instance=n + 1)
+        except BaseException:
+            for path in set(self.output_dir.iterdir()) - before:  # no half-written outputs
+                path.unlink(missing_ok=True)
+            raise
+        return [str(p) for p in paths]
 
     def _entry(self, item: dict, record: dict, name: str, series_uid: str, n: int) -> dict:
         result = record["result"]
@@ -190,32 +285,54 @@ class TaskRunner:
                  "slice": record["slice"], "status": record["status"], "reason": record["reason"],
                  "parameters": result.params if result else record["params"], "text": result.text if result else None}
         if result is not None and result.image is not None:
-            stem = name if record["slice"] is None else f"{name}_slice{record['slice']:04d}"
-            stem += f"_{n:02d}" if len(self.inferer.values()) > 1 else ""
-            paths = write_image_outputs(result.image, record["source"], self.output_dir / stem, result.task,
-                                        result.image.info.get("Description", ""), series_uid, instance=n + 1)
-            entry["outputs"], entry["synthetic"] = [str(p) for p in paths], True
+            try:
+                entry["outputs"], entry["synthetic"] = self._write(result, record, name, series_uid, n), True
+            except Exception as err:  # e.g. a full disk or a source the writer cannot place: recorded
+                log.warning("could not write the output of %s: %s", entry["input"], err)
+                entry["status"], entry["reason"] = "failed", _one_line(err)
         return entry
+
+    def _item(self, index: int) -> dict:
+        """Item ``index`` read through the transforms; an input that cannot be read becomes an error item."""
+        try:
+            item = dict(self.dataset[index])
+        except Exception as err:  # MONAI wraps a transform's error; the cause names the problem
+            source = self.dataset.data[index] if hasattr(self.dataset, "data") else {}
+            item = {"image": source.get("image"), "error": _one_line(_root_cause(err))}
+        item.setdefault("index", index)
+        return item
+
+    def _summary(self, results: list[dict], errors: list[dict], interrupted: bool) -> dict:
+        status = "interrupted" if interrupted else _run_status(results, errors)
+        return {"model": self.network.name, "weights": self.network.provenance.to_dict(), "notice": self.notice,
+                "task": self.inferer.task, "status": status, "results": results, "errors": errors}
 
     def run(self) -> dict:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        results, errors = [], []
-        for index in tqdm(range(len(self.dataset)), desc=self.inferer.task, disable=not self.progress):
-            item = dict(self.dataset[index])
-            item.setdefault("index", index)
-            if item.get("error"):
-                errors.append({"input": item.get("image"), "error": item["error"]})
-                log.warning("skipped input: %s", item["error"])
-                continue
-            series_uid, name = generate_uid(), item.get("name") or f"prompt_{index:04d}"
-            for n, record in enumerate(self.inferer(self.network, item)):
-                results.append(self._entry(item, record, name, series_uid, n))
-        summary = {"model": self.network.name, "weights": self.network.provenance.to_dict(),
-                   "task": self.inferer.task, "status": _run_status(results, errors), "results": results,
-                   "errors": errors}
-        (self.output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        results, errors, interrupted = [], [], True
+        try:
+            for index in tqdm(range(len(self.dataset)), desc=self.inferer.task, disable=not self.progress):
+                item = self._item(index)
+                if item.get("error"):
+                    errors.append({"input": item.get("image"), "error": item["error"]})
+                    log.warning("skipped input: %s", item["error"])
+                    continue
+                series_uid, name = generate_uid(), item.get("name") or f"prompt_{index:04d}"
+                for n, record in enumerate(self.inferer(self.network, item)):
+                    results.append(self._entry(item, record, name, series_uid, n))
+            interrupted = False
+        finally:
+            summary = self._summary(results, errors, interrupted)
+            target = self.output_dir / "results.json"
+            partial = target.with_suffix(".json.tmp")
+            partial.write_text(json.dumps(summary, indent=2) + "\n")
+            partial.replace(target)  # never a half-written results file
         log.info("wrote %d results to %s", len(results), self.output_dir)
         return summary
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def _run_status(results: list[dict], errors: list[dict]) -> str:

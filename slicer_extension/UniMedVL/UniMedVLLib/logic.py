@@ -1,11 +1,13 @@
 """The Slicer module's logic, without Qt: MRML volume nodes and slices to model inputs, a backend (the
-UniMedVL server over HTTP, or the model in this process) and results back into MRML nodes.
+UniMedVL server over HTTP, or the model in this process; ``backends.py``) and results back into MRML nodes.
 
-Work is split so that a GUI can run the slow part off its main thread: ``compute_*`` methods take and
-return plain values (NumPy arrays, text) and never touch the scene; ``add_*`` methods create nodes and
-must run on the main thread. ``ask``/``report``/``generate``/``image_to_image`` do both, for scripts and
-tests. Generated images become volume nodes named and marked as AI-generated (attribute
-``UniMedVL.SyntheticData`` = ``YES``); image-to-image outputs keep the source slice's geometry.
+Work is split so that a GUI can run the slow part off its main thread (``jobs.BackgroundJob``):
+``compute_*`` methods take and return plain values (NumPy arrays, text, messages) and never touch the scene;
+``add_*`` methods and the conversation's ``messages`` touch the scene and must run on the main thread.
+``ask``/``report``/``generate``/``image_to_image`` do both, for scripts and tests. Generated images become
+volume nodes named and marked as AI-generated (attribute ``UniMedVL.SyntheticData`` = ``YES``, the weights
+that made them); image-to-image outputs keep the source slice's geometry. With the embedded demonstration
+model, its notice goes with every answer and output (``UniMedVL.Notice``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["UniMedVLLogic", "RemoteBackend", "LocalBackend", "SYNTHETIC_ATTRIBUTE", "ChatTurn", "task_label",
-           "image_to_image_tasks"]
+from .backends import Cancel, Progress, shipped_module
+from .conversation import Conversation
+
+__all__ = ["UniMedVLLogic", "SYNTHETIC_ATTRIBUTE", "NOTICE_ATTRIBUTE", "task_label", "image_to_image_tasks",
+           "param_spec", "generation_bounds", "slice_count", "volume_array"]
 
 SYNTHETIC_ATTRIBUTE = "UniMedVL.SyntheticData"
+NOTICE_ATTRIBUTE = "UniMedVL.Notice"
 
 
 def task_label(name: str) -> str:
@@ -30,110 +36,26 @@ def image_to_image_tasks(document: dict) -> list[dict]:
     """The tasks of a registry document (``GET /v1/tasks``) that take a slice and give back an image."""
     return [t for t in document["tasks"] if t["takes"] == "image" and t["returns"] == "image"]
 
-Progress = Callable[[int, int], None]
-Cancel = Callable[[], bool]
+
+def param_spec(document: dict, task: str, name: str) -> dict:
+    """One parameter of one task in a registry document: default, bounds, choices."""
+    for t in document["tasks"]:
+        if t["name"] == task:
+            for p in t["params"]:
+                if p["name"] == name:
+                    return p
+    raise KeyError(f"the backend's registry has no parameter {name!r} for {task!r}")
 
 
-def _slicer():
-    import slicer  # the Slicer application, or slicer-core's MRML classes outside it
-
-    return slicer
-
-
-# ----------------------------------------------------------------------------------------------------------
-# backends: the same five calls over HTTP or in process
-
-
-class RemoteBackend:
-    """The UniMedVL server, through the dependency-free client of unimedvl-core."""
-
-    def __init__(self, url: str, token: str | None = None):
-        from unimedvl_core.surfaces.client import UniMedVLClient
-
-        self.client = UniMedVLClient(url, token=token or None)
-
-    def info(self) -> dict:
-        return self.client.info()
-
-    def tasks(self) -> dict:
-        return self.client.tasks()
-
-    def vqa(self, image: np.ndarray, question: str, max_new_tokens: int, on_text: Callable[[str], None] | None):
-        if on_text is None:
-            return self.client.vqa(image, question, max_new_tokens=max_new_tokens)
-        pieces = []
-        for piece in self.client.vqa_stream(image, question, max_new_tokens=max_new_tokens):
-            pieces.append(piece)
-            on_text(piece)
-        return "".join(pieces)
-
-    def report(self, image: np.ndarray, max_new_tokens: int) -> str:
-        return self.client.report(image, max_new_tokens=max_new_tokens)
-
-    def generate(self, prompt: str, params: dict, progress: Progress | None, cancel: Cancel | None) -> np.ndarray:
-        job = self.client.submit_generate(prompt, **params)
-        return self.client.wait(job, progress=progress, should_cancel=cancel)[0]
-
-    def image_task(self, task: str, image: np.ndarray, params: dict, progress: Progress | None,
-                   cancel: Cancel | None) -> tuple[np.ndarray, str | None]:
-        job = self.client.submit_image_task(task, image, params)
-        return self.client.wait(job, progress=progress, should_cancel=cancel)
-
-
-class LocalBackend:
-    """The model in Slicer's own Python (needs torch and unimedvl-core with its dependencies); every call runs a
-    task of the registry, as the server does."""
-
-    def __init__(self, ckpt_dir: str | None = None, device: str | None = None):
-        from unimedvl_core.inference.embedded import load_model
-
-        self.model = load_model(ckpt_dir or None, device=device, progress=False)
-        self.model.progress = False
-
-    def info(self) -> dict:
-        m = self.model
-        return {"model": m.name, "default_size": list(m.config.default_generation_size),
-                "size_multiple": m.config.latent_downsample, "max_image_side": m.config.max_image_side}
-
-    def tasks(self) -> dict:
-        from unimedvl_core.tasks.catalog import TASKS
-        from unimedvl_core.tasks.registry import ModelLimits
-
-        return TASKS.describe(ModelLimits.of(self.model.config))
-
-    def _run(self, task: str, image, params: dict, progress=None, cancel=None, on_text=None):
-        from unimedvl_core.tasks.catalog import TASKS
-        from unimedvl_core.tasks.registry import RunOptions
-
-        options = RunOptions(callback=self._callback(progress, cancel), streamer=on_text)
-        return TASKS.get(task).run(self.model, image, params, options)
-
-    def vqa(self, image, question, max_new_tokens, on_text):
-        params = {"question": question, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})}
-        return self._run("vqa", image, params, on_text=on_text).text
-
-    def report(self, image, max_new_tokens):
-        return self._run("report", image, {"max_new_tokens": max_new_tokens} if max_new_tokens else {}).text
-
-    @staticmethod
-    def _callback(progress, cancel):
-        from unimedvl_core.surfaces.server.worker import JobCancelled
-
-        def callback(step, total):
-            if progress is not None:
-                progress(step, total)
-            if cancel is not None and cancel():
-                raise JobCancelled("cancelled")
-
-        return callback
-
-    def generate(self, prompt, params, progress, cancel):
-        result = self._run("text_to_image", None, {**params, "prompt": prompt}, progress, cancel)
-        return np.asarray(result.image)
-
-    def image_task(self, task, image, params, progress, cancel):
-        result = self._run(task, image, params, progress, cancel)
-        return np.asarray(result.image), result.text
+def generation_bounds(document: dict) -> dict:
+    """What bounds the text-to-image controls: the model's size limits (largest side, multiple, default size)
+    and the sampling parameters' ranges and defaults, from the registry document."""
+    limits = document["limits"]
+    steps, guidance = (param_spec(document, "text_to_image", n) for n in ("num_inference_steps", "cfg_text_scale"))
+    return {"max_side": limits["max_image_side"], "multiple": limits["size_multiple"],
+            "default_size": list(limits["default_size"]),
+            "steps": (steps["minimum"], steps["maximum"], steps["default"]),
+            "guidance": (guidance["minimum"], guidance["maximum"], guidance["default"])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,6 +76,12 @@ def volume_array(volume_node) -> np.ndarray:
     return array.reshape(shape)
 
 
+def slice_count(volume_node) -> int:
+    """How many k slices the volume has: the slice index's upper bound (0 for no volume or no image)."""
+    image = volume_node.GetImageData() if volume_node is not None else None
+    return image.GetDimensions()[2] if image is not None else 0
+
+
 def _matrix(vtk_matrix) -> np.ndarray:
     return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
@@ -172,16 +100,44 @@ def _set_image(volume_node, array: np.ndarray) -> None:
 
 
 @dataclass
-class ChatTurn:
-    question: str
-    answer: str
-    slice_index: int
-
-
-@dataclass
 class UniMedVLLogic:
+    """The module's logic over one backend; ``conversation`` is the chat panel's, ``info`` and ``registry``
+    what the backend said about its model and tasks when connected."""
+
     backend: object = None
-    history: list[ChatTurn] = field(default_factory=list)
+    conversation: Conversation = field(default_factory=Conversation)
+    info: dict = field(default_factory=dict)
+    registry: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.backend is not None and not self.info:
+            self.connect(self.backend)
+
+    def connect(self, backend) -> dict:
+        """Use ``backend``: asks for its model (name, weights, limits) and task registry."""
+        self.backend, self.info, self.registry = backend, backend.info(), backend.tasks()
+        return self.info
+
+    @property
+    def notice(self) -> str | None:
+        """The demonstration model's one-line notice (None for real weights), shown once with its outputs."""
+        return (self.info.get("weights") or {}).get("notice")
+
+    @property
+    def weights(self) -> str:
+        weights = self.info.get("weights") or {}
+        digest = weights.get("sha256")
+        return f"{self.info.get('model')}" + (f" (sha256:{digest[:12]})" if digest else "")
+
+    def choices(self, task: str, name: str) -> list:
+        """A parameter's allowed values from the registry (e.g. the super-resolution scales)."""
+        return list(param_spec(self.registry, task, name).get("choices") or [])
+
+    def text_to_image_prompt(self, modality: str | None, description: str) -> str:
+        """The prompt for a modality chosen in the GUI, framed as the model was trained (prompts module)."""
+        if not modality or modality == "(none)":
+            return description
+        return shipped_module("inference.prompts").text_to_image_prompt(modality, description)
 
     # ----- inputs -----
     @staticmethod
@@ -228,11 +184,11 @@ class UniMedVLLogic:
         return np.clip(np.rint((plane.astype(np.float64) - low) * 255.0 / (high - low)), 0, 255).astype(np.uint8)
 
     # ----- computations (no scene access) -----
-    def compute_answer(self, image: np.ndarray, question: str, max_new_tokens: int | None = None,
+    def compute_answer(self, messages: list[dict], max_new_tokens: int | None = None,
                        on_text: Callable[[str], None] | None = None) -> str:
-        if not question.strip():
-            raise ValueError("the question is empty")
-        return self.backend.vqa(image, question, max_new_tokens, on_text)
+        """The answer to the last question of ``messages`` (``Conversation.messages``), with every earlier
+        turn in the model's context."""
+        return self.backend.chat(messages, max_new_tokens, on_text)
 
     def compute_report(self, image: np.ndarray, max_new_tokens: int | None = None) -> str:
         return self.backend.report(image, max_new_tokens)
@@ -245,16 +201,22 @@ class UniMedVLLogic:
 
     def compute_image_task(self, task: str, image: np.ndarray, params: dict, progress: Progress | None = None,
                            cancel: Cancel | None = None) -> tuple[np.ndarray, str | None]:
-        names = [t["name"] for t in image_to_image_tasks(self.backend.tasks())]
+        names = [t["name"] for t in image_to_image_tasks(self.registry)]
         if task not in names:
             raise ValueError(f"unknown image-to-image task {task!r}; the backend offers {', '.join(names)}")
         return self.backend.image_task(task, image, params, progress, cancel)
 
     # ----- results into the scene (main thread) -----
+    def _label(self, node) -> None:
+        node.SetAttribute("UniMedVL.Weights", self.weights[:200])
+        if self.notice:
+            node.SetAttribute(NOTICE_ATTRIBUTE, self.notice)
+
     def add_text_node(self, scene, name: str, text: str):
         node = scene.AddNewNodeByClass("vtkMRMLTextNode", name)
-        node.SetText(text)
+        node.SetText(text + (f"\n\n[{self.notice}]" if self.notice else ""))
         node.SetAttribute("UniMedVL.Generated", "YES")
+        self._label(node)
         return node
 
     def add_image_node(self, scene, image: np.ndarray, name: str, description: str, source_node=None,
@@ -285,17 +247,25 @@ class UniMedVLLogic:
             node.SetIJKToRASMatrix(out)
         node.SetAttribute(SYNTHETIC_ATTRIBUTE, "YES")
         node.SetAttribute("UniMedVL.Description", description[:1000])
+        self._label(node)
         if hasattr(node, "CreateDefaultDisplayNodes"):
             node.CreateDefaultDisplayNodes()
         return node
 
     # ----- one call each, for scripts and tests -----
     def ask(self, volume_node, k: int, question: str, max_new_tokens: int | None = None, scene=None, on_text=None):
-        answer = self.compute_answer(self.display_slice(volume_node, k), question, max_new_tokens, on_text)
-        self.history.append(ChatTurn(question, answer, k))
-        node = self.add_text_node(scene or volume_node.GetScene(), f"UniMedVL answer (slice {k})",
-                                  f"Q: {question}\nA: {answer}")
-        return answer, node
+        """Asks about slice ``k`` as the next turn of the conversation; the answer is added to it and to a
+        text node. A failed answer leaves the conversation as it was."""
+        scene = scene or volume_node.GetScene()
+        self.conversation.ask(question, volume_node.GetID(), k)
+        try:
+            answer = self.compute_answer(self.conversation.messages(scene, self.display_slice), max_new_tokens,
+                                         on_text)
+        except BaseException:
+            self.conversation.drop_unanswered()
+            raise
+        self.conversation.answer(answer)
+        return answer, self.add_text_node(scene, f"UniMedVL answer (slice {k})", f"Q: {question}\nA: {answer}")
 
     def report(self, volume_node, k: int, max_new_tokens: int | None = None, scene=None):
         text = self.compute_report(self.display_slice(volume_node, k), max_new_tokens)
@@ -313,3 +283,4 @@ class UniMedVLLogic:
         if explanation:
             node.SetAttribute("UniMedVL.Explanation", explanation[:2000])
         return node, explanation
+

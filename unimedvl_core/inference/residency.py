@@ -143,6 +143,8 @@ class TaskResidency:
         """Put every weight on the device (full residency) and remove the hooks."""
         for hook in self._hooks:
             hook.remove()
+        self._drop_pending()
+        forget_workspaces(self.model)
         for name, host in self.host.items():
             self._set(name, _to(host, self.device))
         self.phase = None

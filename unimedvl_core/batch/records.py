@@ -1,0 +1,115 @@
+"""The output records of a batch job: shards under ``<output>/records/``, written atomically, read back to
+resume.
+
+Each shard is ``part-<generation>-<sequence>.jsonl`` (or ``.parquet``), written to a temporary name and
+renamed, so a killed job leaves whole shards only. When shards disagree about a row id the record of the
+latest shard (highest generation, then sequence) wins; ``compact`` writes the winners, ordered by row, into
+one new shard and deletes the older ones, so that after a finished run each row id has exactly one record
+on disk (docs/batch.md#resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["RecordStore", "FORMATS", "make_record", "OK", "FAILED"]
+
+FORMATS = ("jsonl", "parquet")
+OK, FAILED = "ok", "failed"
+_SHARD = re.compile(r"^part-(\d+)-(\d+)\.(jsonl|parquet)$")
+_JSON_COLUMNS = ("params", "model")  # nested values kept as JSON text in Parquet shards
+
+
+def make_record(row, status: str, error: str | None = None, text: str | None = None,
+                outputs: list[str] | None = None, params: dict | None = None, model: dict | None = None,
+                task: str = "") -> dict:
+    """One output record: ``id``, ``row``, ``status`` (ok | failed), ``error``, the result (``text``,
+    ``outputs``: image files relative to the output folder, labelled synthetic), the ``reference`` of the
+    manifest, the task ``params`` and the ``model`` (name and weights' provenance)."""
+    return {"id": row.id, "row": row.index, "status": status, "error": error, "task": task, "text": text,
+            "outputs": list(outputs or []), "synthetic": bool(outputs), "reference": row.reference,
+            "inputs": row.shown_inputs(), "slice": row.frame, "params": params or {}, "model": model or {}}
+
+
+def _write_jsonl(records: list[dict], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_parquet(records: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{k: json.dumps(v, default=str) if k in _JSON_COLUMNS else v for k, v in r.items()} for r in records]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _read_shard(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    return [{k: json.loads(v) if k in _JSON_COLUMNS and isinstance(v, str) else v for k, v in r.items()}
+            for r in rows]
+
+
+class RecordStore:
+    """The shards of one output folder."""
+
+    def __init__(self, output: str | Path, fmt: str = "jsonl"):
+        if fmt not in FORMATS:
+            raise ValueError(f"output format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+        self.folder = Path(output) / "records"
+        self.fmt = fmt
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".tmp-*"):  # a shard a killed job did not finish: never renamed
+            stale.unlink()
+        self.generation = max((key[0] for key, _ in self._shards()), default=0) + 1
+        self.sequence = 0
+
+    def _shards(self) -> list[tuple[tuple[int, int], Path]]:
+        found = [((int(m.group(1)), int(m.group(2))), p) for p in self.folder.iterdir()
+                 if (m := _SHARD.match(p.name))]
+        return sorted(found)
+
+    def load(self) -> dict[str, dict]:
+        """The latest record of every row id."""
+        latest: dict[str, dict] = {}
+        for _, path in self._shards():
+            for record in _read_shard(path):
+                latest[str(record["id"])] = record
+        return latest
+
+    def write(self, records: Iterable[dict]) -> Path | None:
+        """A new shard holding ``records`` (atomically: a temporary file renamed into place)."""
+        records = list(records)
+        if not records:
+            return None
+        name = f"part-{self.generation:05d}-{self.sequence:06d}.{self.fmt}"
+        self.sequence += 1
+        tmp = self.folder / f".tmp-{uuid.uuid4().hex}-{name}"
+        (_write_parquet if self.fmt == "parquet" else _write_jsonl)(records, tmp)
+        os.replace(tmp, self.folder / name)
+        return self.folder / name
+
+    def compact(self) -> dict[str, dict]:
+        """Keep only the latest record of each id, ordered by row, in one new shard; returns them."""
+        old = self._shards()
+        latest = self.load()
+        if len(old) <= 1 and all(p.suffix == f".{self.fmt}" for _, p in old):
+            return latest
+        self.generation, self.sequence = self.generation + 1, 0
+        self.write(sorted(latest.values(), key=lambda r: (r.get("row") is None, r.get("row"), str(r["id"]))))
+        for _, path in old:
+            path.unlink()
+        self.generation, self.sequence = self.generation + 1, 0
+        return latest

@@ -73,10 +73,13 @@ class RecordStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".tmp-*"):  # a shard a killed job did not finish: never renamed
             stale.unlink()
-        self.generation = max((key[0] for key, _ in self._shards()), default=0) + 1
+        self.generation = max((key[0] for key, _ in self.shards()), default=0) + 1
         self.sequence = 0
 
-    def _shards(self) -> list[tuple[tuple[int, int], Path]]:
+    read = staticmethod(_read_shard)
+
+    def shards(self) -> list[tuple[tuple[int, int], Path]]:
+        """The finished shards, oldest first: ((generation, sequence), path)."""
         found = [((int(m.group(1)), int(m.group(2))), p) for p in self.folder.iterdir()
                  if (m := _SHARD.match(p.name))]
         return sorted(found)
@@ -84,7 +87,7 @@ class RecordStore:
     def load(self) -> dict[str, dict]:
         """The latest record of every row id."""
         latest: dict[str, dict] = {}
-        for _, path in self._shards():
+        for _, path in self.shards():
             for record in _read_shard(path):
                 latest[str(record["id"])] = record
         return latest
@@ -103,7 +106,7 @@ class RecordStore:
 
     def compact(self) -> dict[str, dict]:
         """Keep only the latest record of each id, ordered by row, in one new shard; returns them."""
-        old = self._shards()
+        old = self.shards()
         latest = self.load()
         if len(old) <= 1 and all(p.suffix == f".{self.fmt}" for _, p in old):
             return latest

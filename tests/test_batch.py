@@ -263,3 +263,22 @@ def test_resume_rule_latest_shard_wins_and_compaction(tmp_path):
     latest = reopened.compact()
     assert {k: v["status"] for k, v in latest.items()} == {"a": "ok", "b": "ok"}
     assert [r["id"] for r in _records(tmp_path)] == ["a", "b"] and len(list(reopened.folder.iterdir())) == 1
+
+
+def test_evaluation_above_threshold_runs_on_ray_with_the_same_answers(ray_session, model, phantoms, monkeypatch):
+    from unimedvl_core.data import evaluation as ev
+
+    items = ev.read_sft_jsonl(phantoms / "vqa64.jsonl")[:10]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actor runs
+    try:
+        records, scores = ev.evaluate_vqa(model, items, max_new_tokens=8, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    calls = []
+    monkeypatch.setattr(ev, "BATCH_THRESHOLD", 5)
+    monkeypatch.setattr(ev, "_answers_one_by_one", lambda *a, **k: calls.append(a) or [])
+    on_ray, ray_scores = ev.evaluate_vqa(model, items, max_new_tokens=8, progress=False)
+    assert not calls  # the Ray path answered
+    assert [r["prediction"] for r in on_ray] == [r["prediction"] for r in records]
+    assert ray_scores == scores

@@ -82,17 +82,22 @@ def _dataset(rows: list[Row], task: str, ckpt, load_options: dict, output: Path,
         num_cpus=s.actor_cpus, num_gpus=s.actor_gpus or None, batch_format="numpy")
 
 
-def _consume(ds, store: RecordStore, total: int, progress: bool) -> int:
-    """Write each arriving batch as a shard; returns the rows written."""
+def _consume(ds, store: RecordStore, total: int, progress: bool) -> dict:
+    """Write each arriving batch as a shard. Returns the rows written and the steady rate: rows per second
+    from the first batch's arrival to the last one's (actor start and model load left out)."""
     from tqdm.auto import tqdm
 
-    done = 0
+    done, first, last, first_rows = 0, None, None, 0
     with tqdm(total=total, desc="batch", unit="row", disable=not progress) as bar:
         for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
             store.write(json.loads(text) for text in block["record"])
             done += len(block["record"])
             bar.update(len(block["record"]))
-    return done
+            last = time.perf_counter()
+            if first is None:
+                first, first_rows = last, done
+    warm = (done - first_rows) / (last - first) if first is not None and last > first else None
+    return {"rows": done, "warm_rows_per_s": None if warm is None else round(warm, 3)}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -139,7 +144,7 @@ def run_batch(task: str, source: str | Path | Sequence[Row], output: str | Path,
     store = RecordStore(output, settings.format)
     latest = store.compact()
     todo = [row for row in rows if latest.get(row.id, {}).get("status") != OK]
-    started, start, written, interrupted = False, time.perf_counter(), 0, False
+    started, start, consumed, interrupted = False, time.perf_counter(), {"rows": 0}, False
     try:
         if todo:
             started = _start_ray(settings.address)
@@ -147,14 +152,15 @@ def run_batch(task: str, source: str | Path | Sequence[Row], output: str | Path,
             resources = ray.cluster_resources()
             settings = settings.resolved(resources.get("CPU", 1), resources.get("GPU", 0))
             ds = _dataset(todo, spec.name, ckpt, dict(load_options or {}), output, window, settings)
-            written = _consume(ds, store, len(todo), settings.progress)
+            consumed = _consume(ds, store, len(todo), settings.progress)
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
         seconds = time.perf_counter() - start
         latest = store.compact() if not interrupted else store.load()
-        run = {"rows": written, "seconds": round(seconds, 3), "rows_per_s": round(written / seconds, 3) if written
+        written = consumed["rows"]
+        run = {**consumed, "seconds": round(seconds, 3), "rows_per_s": round(written / seconds, 3) if written
                else None, "skipped_ok": len(rows) - len(todo), "interrupted": interrupted}
         extra = {"task": spec.name, "input": str(source) if isinstance(source, (str, Path)) else "items",
                  "format": settings.format, "settings": {k: v for k, v in vars(settings).items() if k != "progress"}}

@@ -37,8 +37,9 @@ def manifest(root: Path, rows: int) -> Path:
     return path
 
 
-def one_by_one(path: Path, max_new_tokens: int) -> dict:
+def one_by_one(path: Path, max_new_tokens: int, threads: int) -> dict:
     """The task API, one row at a time, images read in the same loop (what ``unimedvl evaluate`` did)."""
+    torch.set_num_threads(threads)
     task, model = TASKS.get("vqa"), load_default_model(progress=False)
     start = time.perf_counter()
     for i, line in enumerate(path.read_text().splitlines()):
@@ -77,7 +78,8 @@ def main() -> None:
         path = manifest(Path(root), args.rows)
         results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                    "rows": args.rows, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                   "one_by_one": one_by_one(path, args.max_new_tokens),
+                   "one_by_one": one_by_one(path, args.max_new_tokens, os.cpu_count() or 1),
+                   "one_by_one_1_thread": one_by_one(path, args.max_new_tokens, 1),
                    "ray_1_actor": on_ray(path, 1, args.batch_size, args.max_new_tokens),
                    "ray_2_actors": on_ray(path, 2, args.batch_size, args.max_new_tokens)}
     print(json.dumps(results, indent=2))

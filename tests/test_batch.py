@@ -193,7 +193,8 @@ def test_dicom_folder_source_writes_labelled_dicom(ray_session, tmp_path):
     write_sample_inputs(folder)
     out = tmp_path / "edits"
     summary = run_batch("edit", folder, out, {"instruction": "Remove the lesions.", "num_inference_steps": 2},
-                        slices="all", settings=ONE_ACTOR)
+                        slices="all", settings=BatchSettings(num_actors=2, actor_cpus=0.5, batch_size=2,
+                                                             progress=False))
     records = {r["id"]: r for r in _records(out)}
     # 2 PNGs, 3 NIfTI slices, 3 DICOM slices: one row per slice
     assert summary["rows"] == 8 and summary["ok"] == 8, summary["failures"]

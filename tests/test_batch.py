@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from unimedvl_core.batch import BatchSettings, run_batch
-from unimedvl_core.batch.records import RecordStore
+from unimedvl_core.batch.records import OutputBusyError, RecordStore
 from unimedvl_core.batch.settings import RayUnavailableError, import_ray
 from unimedvl_core.data.phantoms import write_dataset
 from unimedvl_core.inference.embedded import load_default_model
@@ -261,11 +261,14 @@ def test_resume_rule_latest_shard_wins_and_compaction(tmp_path):
     store.write([{"id": "a", "row": 0, "status": "failed"}, {"id": "b", "row": 1, "status": "ok"}])
     store.write([{"id": "a", "row": 0, "status": "ok"}])
     (store.folder / ".tmp-unfinished-part-00009-000000.jsonl").write_text('{"id": "a", "row": 0, "st')
-    reopened = RecordStore(tmp_path)  # a killed job's unfinished shard is dropped
-    assert not list(reopened.folder.glob(".tmp-*"))
-    latest = reopened.compact()
+    with RecordStore(tmp_path) as reopened:  # a killed job's unfinished shard is dropped
+        assert not list(reopened.folder.glob(".tmp-*"))
+        with pytest.raises(OutputBusyError, match="another batch job"):
+            RecordStore(tmp_path).__enter__()  # a second job on the same output is refused
+        latest = reopened.compact()
     assert {k: v["status"] for k, v in latest.items()} == {"a": "ok", "b": "ok"}
-    assert [r["id"] for r in _records(tmp_path)] == ["a", "b"] and len(list(reopened.folder.iterdir())) == 1
+    assert [r["id"] for r in _records(tmp_path)] == ["a", "b"]
+    assert [p.name for p in reopened.folder.glob("part-*")] == ["part-00003-000000.jsonl"]
 
 
 def test_evaluation_above_threshold_runs_on_ray_with_the_same_answers(ray_session, model, phantoms, monkeypatch):

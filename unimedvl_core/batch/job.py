@@ -141,18 +141,24 @@ def run_batch(task: str, source: str | Path | Sequence[Row], output: str | Path,
     else:
         rows = list(source)
     plan_rows(spec, rows, _check_params(spec, params or {}), _check_model(ckpt))
-    store = RecordStore(output, settings.format)
+    job = {"task": spec.name, "input": str(source) if isinstance(source, (str, Path)) else "items",
+           "format": settings.format}
+    with RecordStore(output, settings.format) as store:
+        return _run(store, rows, job, settings, lambda s, todo: _dataset(
+            todo, spec.name, ckpt, dict(load_options or {}), output, window, s))
+
+
+def _run(store: RecordStore, rows: list[Row], job: dict, settings: BatchSettings, make_dataset) -> dict:
+    """Resume: compact, run the rows not yet ok, compact again and write the summary (also when stopped)."""
     latest = store.compact()
     todo = [row for row in rows if latest.get(row.id, {}).get("status") != OK]
     started, start, consumed, interrupted = False, time.perf_counter(), {"rows": 0}, False
     try:
         if todo:
             started = _start_ray(settings.address)
-            ray = import_ray()
-            resources = ray.cluster_resources()
+            resources = import_ray().cluster_resources()
             settings = settings.resolved(resources.get("CPU", 1), resources.get("GPU", 0))
-            ds = _dataset(todo, spec.name, ckpt, dict(load_options or {}), output, window, settings)
-            consumed = _consume(ds, store, len(todo), settings.progress)
+            consumed = _consume(make_dataset(settings, todo), store, len(todo), settings.progress)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -162,10 +168,9 @@ def run_batch(task: str, source: str | Path | Sequence[Row], output: str | Path,
         written = consumed["rows"]
         run = {**consumed, "seconds": round(seconds, 3), "rows_per_s": round(written / seconds, 3) if written
                else None, "skipped_ok": len(rows) - len(todo), "interrupted": interrupted}
-        extra = {"task": spec.name, "input": str(source) if isinstance(source, (str, Path)) else "items",
-                 "format": settings.format, "settings": {k: v for k, v in vars(settings).items() if k != "progress"}}
-        summary = _summary(rows, latest, run, extra)
-        _write_json(output / "summary.json", summary)
+        job["settings"] = {k: v for k, v in vars(settings).items() if k != "progress"}
+        summary = _summary(rows, latest, run, job)
+        _write_json(store.folder.parent / "summary.json", summary)
         if started:
             import_ray().shutdown()
     return summary

@@ -17,12 +17,16 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["RecordStore", "FORMATS", "make_record", "OK", "FAILED"]
+__all__ = ["RecordStore", "FORMATS", "make_record", "OK", "FAILED", "OutputBusyError"]
 
 FORMATS = ("jsonl", "parquet")
 OK, FAILED = "ok", "failed"
 _SHARD = re.compile(r"^part-(\d+)-(\d+)\.(jsonl|parquet)$")
 _JSON_COLUMNS = ("params", "model")  # nested values kept as JSON text in Parquet shards
+
+
+class OutputBusyError(RuntimeError):
+    """Another job is writing to the same output folder."""
 
 
 def make_record(row, status: str, error: str | None = None, text: str | None = None,
@@ -71,10 +75,27 @@ class RecordStore:
         self.folder = Path(output) / "records"
         self.fmt = fmt
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".tmp-*"):  # a shard a killed job did not finish: never renamed
-            stale.unlink()
         self.generation = max((key[0] for key, _ in self.shards()), default=0) + 1
         self.sequence = 0
+        self._lock = None
+
+    def __enter__(self) -> "RecordStore":
+        """Hold the folder's lock: one job at a time writes its records."""
+        import fcntl
+
+        self._lock = open(self.folder / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise OutputBusyError(f"another batch job is writing to {self.folder.parent}; wait for it or choose "
+                                  "another output folder") from None
+        for stale in self.folder.glob(".tmp-*"):  # a shard a killed job did not finish: never renamed
+            stale.unlink()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.close()  # closing releases the lock
 
     read = staticmethod(_read_shard)
 

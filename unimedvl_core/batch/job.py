@@ -40,6 +40,8 @@ def plan_rows(task: Task, rows: list[Row], params: Mapping[str, Any], limits: Mo
     seed ``seed + row index`` unless the row names its seed, so a row's result does not depend on the batch
     or actor it lands in. A row whose parameters are invalid (e.g. text over the limit) keeps the reason."""
     for row in rows:
+        if row.error is None and task.returns == "image" and len(row.images) > 1:
+            row.error = f"{task.name} takes one image; the row has {len(row.images)}"
         if row.error is not None:
             continue
         try:

@@ -159,8 +159,8 @@ def test_killed_run_then_rerun_gives_every_row_once(ray_session, model, phantoms
     params = ["--do-sample", "--temperature", "5", "--max-new-tokens", "32", "--seed", "7"]
     cmd = [sys.executable, "-m", "unimedvl_core.surfaces.cli", "batch", "--task", "vqa", "--input", str(manifest),
            "--output", str(out), "--data-dir", str(phantoms / "images"), "--num-actors", "1", "--batch-size", "2",
-           "--no-progress", *params]
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(ROOT)}
+           "--no-progress", "--address", ray.get_runtime_context().gcs_address, *params]  # joins this cluster
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -168,7 +168,7 @@ def test_killed_run_then_rerun_gives_every_row_once(ray_session, model, phantoms
         while time.time() < deadline and proc.poll() is None and not list((out / "records").glob("part-*")):
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the job's own process group: its driver and local Ray
+        os.killpg(proc.pid, signal.SIGKILL)  # the job's driver (its own process group); Ray ends its actors
         proc.wait()
     before = _records(out)
     assert 0 < len(before) < 16 and all(r["status"] == "ok" for r in before), "not killed mid-way"

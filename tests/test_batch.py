@@ -250,10 +250,16 @@ def test_cli_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert status == 2 and "inside the input folder" in capsys.readouterr().err
 
 
-def test_missing_ray_names_the_extra(monkeypatch):
+def test_missing_ray_names_the_extra(monkeypatch, phantoms, tmp_path, capsys):
+    from unimedvl_core.surfaces.cli import main
+
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(RayUnavailableError, match=r"unimedvl-core\[batch\]"):
         import_ray()
+    status = main(["batch", "--task", "vqa", "--input", str(phantoms / "vqa64.jsonl"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "unimedvl-core[batch]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing written
 
 
 def test_resume_rule_latest_shard_wins_and_compaction(tmp_path):

@@ -137,6 +137,7 @@ def run_batch(task: str, source: str | Path | Sequence[Row], output: str | Path,
     to ``load_model`` in each actor (device, dtype, weights, quantisation...). Returns the summary, also
     written to ``output/summary.json``."""
     spec, settings, output = TASKS.get(task), settings or BatchSettings(), Path(output)
+    import_ray()  # without Ray, say so before anything is written
     if isinstance(source, (str, Path)):
         check_output_location([output], [source, *([data_dir] if data_dir else [])])
         rows = read_source(source, spec, data_dir, slices)

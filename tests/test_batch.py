@@ -294,3 +294,20 @@ def test_evaluation_above_threshold_runs_on_ray_with_the_same_answers(ray_sessio
     assert not calls  # the Ray path answered
     assert [r["prediction"] for r in on_ray] == [r["prediction"] for r in records]
     assert ray_scores == scores
+
+
+def test_long_runs_roll_small_shards_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(RecordStore, "ROLL_UP", 3)
+    store = RecordStore(tmp_path)
+    store.write([{"id": "a", "row": 0, "status": "failed"}])
+    later = RecordStore(tmp_path)  # the next run
+    for k in range(7):
+        later.write([{"id": str(10 + k), "row": 10 + k, "status": "ok"}] + ([{"id": "a", "row": 0, "status": "ok"}]
+                                                                          if k == 0 else []))
+    names = sorted(p.name for _, p in later.shards())
+    # run 1's shard, two merged shards of three (named after their newest) and the last one
+    assert names == ["part-00001-000000.jsonl", "part-00002-000002.jsonl", "part-00002-000005.jsonl",
+                     "part-00002-000006.jsonl"]
+    latest = later.load()
+    assert latest["a"]["status"] == "ok" and len(latest) == 8
+    assert len(_records(tmp_path)) == 9  # "a" twice until the run's compaction

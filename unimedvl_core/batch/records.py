@@ -2,7 +2,8 @@
 resume.
 
 Each shard is ``part-<generation>-<sequence>.jsonl`` (or ``.parquet``), written to a temporary name and
-renamed, so a killed job leaves whole shards only. When shards disagree about a row id the record of the
+renamed, so a killed job leaves whole shards only; every ``ROLL_UP`` shards a run wrote are merged into
+one. When shards disagree about a row id the record of the
 latest shard (highest generation, then sequence) wins; ``compact`` writes the winners, ordered by row, into
 one new shard and deletes the older ones, so that after a finished run each row id has exactly one record
 on disk (docs/batch.md#resume).
@@ -69,6 +70,8 @@ def _read_shard(path: Path) -> list[dict]:
 class RecordStore:
     """The shards of one output folder."""
 
+    ROLL_UP = 256  # shards of one run merged into one (2048 rows at the default batch size)
+
     def __init__(self, output: str | Path, fmt: str = "jsonl"):
         if fmt not in FORMATS:
             raise ValueError(f"output format must be one of {', '.join(FORMATS)} (got {fmt!r})")
@@ -78,6 +81,7 @@ class RecordStore:
         self.generation = max((key[0] for key, _ in self.shards()), default=0) + 1
         self.sequence = 0
         self._lock = None
+        self._recent: list[Path] = []  # shards written since the last roll-up
 
     def __enter__(self) -> "RecordStore":
         """Hold the folder's lock: one job at a time writes its records."""
@@ -113,17 +117,35 @@ class RecordStore:
                 latest[str(record["id"])] = record
         return latest
 
+    def _put(self, records: list[dict], path: Path) -> None:
+        """``path`` holding ``records``, atomically: a temporary file renamed into place."""
+        tmp = self.folder / f".tmp-{uuid.uuid4().hex}-{path.name}"
+        (_write_parquet if self.fmt == "parquet" else _write_jsonl)(records, tmp)
+        os.replace(tmp, path)
+
     def write(self, records: Iterable[dict]) -> Path | None:
-        """A new shard holding ``records`` (atomically: a temporary file renamed into place)."""
+        """A new shard holding ``records``; every ``ROLL_UP`` shards, this run's small shards are merged."""
         records = list(records)
         if not records:
             return None
-        name = f"part-{self.generation:05d}-{self.sequence:06d}.{self.fmt}"
+        path = self.folder / f"part-{self.generation:05d}-{self.sequence:06d}.{self.fmt}"
         self.sequence += 1
-        tmp = self.folder / f".tmp-{uuid.uuid4().hex}-{name}"
-        (_write_parquet if self.fmt == "parquet" else _write_jsonl)(records, tmp)
-        os.replace(tmp, self.folder / name)
-        return self.folder / name
+        self._put(records, path)
+        self._recent.append(path)
+        if len(self._recent) >= self.ROLL_UP:
+            self._roll_up()
+        return path
+
+    def _roll_up(self) -> None:
+        """Merge the shards written since the last roll-up into the newest of them (its name, so its place in
+        the latest-wins order is kept), then delete the others: a long job keeps few files. Within one run a
+        row is written once, so merging is concatenating; a kill in between leaves duplicates of equal
+        records, which the rule resolves."""
+        merged = [record for path in self._recent for record in _read_shard(path)]
+        self._put(merged, self._recent[-1])
+        for path in self._recent[:-1]:
+            path.unlink()
+        self._recent = []
 
     def compact(self) -> dict[str, dict]:
         """Keep only the latest record of each id, ordered by row, in one new shard; returns them."""
@@ -131,8 +153,9 @@ class RecordStore:
         latest = self.load()
         if len(old) <= 1 and all(p.suffix == f".{self.fmt}" for _, p in old):
             return latest
-        self.generation, self.sequence = self.generation + 1, 0
-        self.write(sorted(latest.values(), key=lambda r: (r.get("row") is None, r.get("row"), str(r["id"]))))
+        self.generation, self.sequence, self._recent = self.generation + 1, 0, []
+        self._put(sorted(latest.values(), key=lambda r: (r.get("row") is None, r.get("row"), str(r["id"]))),
+                  self.folder / f"part-{self.generation:05d}-000000.{self.fmt}")
         for _, path in old:
             path.unlink()
         self.generation, self.sequence = self.generation + 1, 0

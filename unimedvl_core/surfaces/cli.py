@@ -27,6 +27,7 @@ from ..inference.embedded import DEFAULT_MODEL_DIR, load_model
 from ..modeling.config import UniMedVLConfig
 from ..tasks.catalog import TASKS
 from ..tasks.registry import ModelLimits
+from .cli_batch import add_batch_command, run_batch_command
 from .cli_tasks import HelpFormatter, add_model_args, add_task_commands, check_task_command, run_task_command
 
 __all__ = ["main", "build_parser"]
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_commands(sub)
     _add_service_commands(sub)
     _add_evaluate_command(sub)
+    add_batch_command(sub)
     _add_tool_commands(sub)
     return parser
 
@@ -208,7 +210,7 @@ def _without_model(args) -> int | None:
         from ..training.launch import run
 
         return run(args)
-    handlers = {"phantoms": _phantoms, "serve": _serve, "tasks": _tasks}
+    handlers = {"phantoms": _phantoms, "serve": _serve, "tasks": _tasks, "batch": run_batch_command}
     return handlers[args.command](args) if args.command in handlers else None
 
 

@@ -25,7 +25,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from ..modeling.preprocessing import MAX_INPUT_PIXELS, to_rgb
 
 __all__ = ["MedicalImage", "ImageReadError", "read_image", "read_slices", "WINDOW_PRESETS", "MODALITY_WINDOWS",
-           "MAX_DECLARED_BYTES", "to_uint8_range", "is_dicom_file", "dicom_image_headers"]
+           "MAX_DECLARED_BYTES", "to_uint8_range", "is_dicom_file", "dicom_image_headers", "read_key_slices",
+           "key_slice_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,29 @@ def read_slices(source: Any, frames: list[int] | None = None, window: WindowArg 
         except (UnidentifiedImageError, OSError) as err:
             raise ImageReadError(f"{path}: not a readable image ({err})") from None
     raise ImageReadError(f"unsupported image input of type {type(source).__name__}")
+
+
+def key_slice_indices(count: int, wanted: int) -> list[int]:
+    """``wanted`` slice indices spread evenly over ``count`` slices: the centres of equal sections, so the
+    first and last slices (often outside the anatomy) are not taken unless every slice is."""
+    if wanted >= count:
+        return list(range(count))
+    return sorted({int((i + 0.5) * count / wanted) for i in range(wanted)})
+
+
+def read_key_slices(source: Any, count: int, window: WindowArg = None, series_uid: str | None = None,
+                    frames: list[int] | None = None) -> list[MedicalImage]:
+    """``count`` slices spread evenly over a volume (a path, array, dataset), over ``frames`` of it, or over a
+    list of already read slices; a 2-D image gives itself. Only the chosen slices are decoded."""
+    if isinstance(source, (list, tuple)):
+        return [source[i] for i in key_slice_indices(len(source), count)]
+    if frames is None:
+        total = read_slices(source, window=window, series_uid=series_uid, middle_only=True)[0].num_frames
+        frames = list(range(total))
+    if not frames:
+        raise ImageReadError("no slices selected")
+    picked = [frames[i] for i in key_slice_indices(len(frames), count)]
+    return read_slices(source, frames=picked, window=window, series_uid=series_uid)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unimedvl-core {__version__}")
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_task_commands(sub)
+    add_task_commands(sub, ModelLimits.of(UniMedVLConfig.from_dir(DEFAULT_MODEL_DIR)))
     _add_service_commands(sub)
     _add_evaluate_command(sub)
     _add_tool_commands(sub)
@@ -176,8 +177,6 @@ def _evaluate(args, model) -> int:
 
 
 def _serve(args) -> int:
-    import os
-
     from .server.app import serve
 
     serve(str(args.ckpt) if args.ckpt else None, args.host, args.port, args.token or os.environ.get("UNIMEDVL_TOKEN"),
@@ -185,9 +184,30 @@ def _serve(args) -> int:
     return 0
 
 
+def _limits(model) -> dict:
+    """What a run may ask of this model: its image sizes and the registry's and readers' bounds."""
+    from ..io.medical_io import MAX_DECLARED_BYTES
+    from ..modeling.preprocessing import MAX_INPUT_PIXELS
+    from ..tasks.catalog import MAX_KEY_SLICES, MAX_NEW_TOKENS, MAX_STEPS, MAX_TEXT_CHARS
+
+    return {**ModelLimits.of(model.config).describe(), "max_input_pixels": MAX_INPUT_PIXELS,
+            "max_declared_pixel_bytes": MAX_DECLARED_BYTES, "max_steps": MAX_STEPS, "max_new_tokens": MAX_NEW_TOKENS,
+            "max_text_chars": MAX_TEXT_CHARS, "max_key_slices": MAX_KEY_SLICES}
+
+
 def _info(args, model) -> int:
+    limits = _limits(model)
     print(model)
-    print(json.dumps({"weights": model.provenance.to_dict(), "config": model.config.to_dict()}, indent=2))
+    print(f"weights: {model.provenance.short}")
+    print(f"limits: generated images {limits['size_multiple']} to {limits['max_image_side']} px a side in multiples "
+          f"of {limits['size_multiple']} (default {'x'.join(map(str, limits['default_size']))}); inputs up to "
+          f"{limits['max_input_pixels']:,} pixels a frame and {limits['max_declared_pixel_bytes'] / 2**30:g} GiB "
+          f"of pixel data; at most {limits['max_steps']} sampling steps, {limits['max_new_tokens']} new tokens, "
+          f"{limits['max_text_chars']} characters of text, {limits['max_key_slices']} key slices a series report")
+    if model.provenance.notice:
+        print(f"note: {model.provenance.notice}")
+    print(json.dumps({"weights": model.provenance.to_dict(), "notice": model.provenance.notice, "limits": limits,
+                      "config": model.config.to_dict()}, indent=2))
     return 0
 
 
@@ -219,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         model = _load(args)
         handlers = {"info": _info, "demo": _demo, "phantom-eval": _phantom_eval, "evaluate": _evaluate}
         return handlers.get(args.command, run_task_command)(args, model)
+    except BrokenPipeError:  # the reader went away (``unimedvl tasks | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return EXIT_OK
     except (ValueError, OSError) as err:  # ImageReadError, CheckpointError, TaskParameterError, missing files
         return _fail(args, EXIT_BAD_INPUT, f"error: {err}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # files are written whole or not at all (io/atomic.py): nothing partial remains
         return _fail(args, EXIT_INTERRUPTED, "interrupted")
     except Exception as err:  # reported in one line; --debug shows where
         return _fail(args, EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err}")

@@ -132,7 +132,7 @@ def _tasks(args) -> int:
 def _demo(args, model) -> int:
     from .demo import run_demo
 
-    run_demo(model, args.out, seed=args.seed, steps=args.steps, progress=not args.no_progress)
+    run_demo(model, args.out, seed=args.seed, steps=args.steps, progress=not args.no_progress, ckpt=args.ckpt)
     return 0
 
 
@@ -206,7 +206,7 @@ def _info(args, model) -> int:
           f"{limits['max_text_chars']} characters of text, {limits['max_key_slices']} key slices a series report")
     if model.provenance.notice:
         print(f"note: {model.provenance.notice}")
-    print(json.dumps({"weights": model.provenance.to_dict(), "notice": model.provenance.notice, "limits": limits,
+    print(json.dumps({"weights": model.provenance.to_dict(), "limits": limits,
                       "config": model.config.to_dict()}, indent=2))
     return 0
 

@@ -269,7 +269,8 @@ def _write_json(args, task: Task, doc: dict, status: str) -> None:
     if args.json:
         path = json_path(args, task)
         write_text_atomic(path, json.dumps({**doc, "status": status}, indent=2))
-        print(f"wrote {path}", file=sys.stdout if status == "complete" else sys.stderr)
+        if status != "complete":  # stdout keeps only the results
+            print(f"the results finished before the interrupt are in {path}", file=sys.stderr)
 
 
 def run_task_command(args, model) -> int:

@@ -271,9 +271,9 @@ def test_embedded_model_answers_and_images_say_it_is_a_demonstration_once(tmp_pa
     captured = capsys.readouterr()
     assert captured.err.count(DEMO_NOTICE) == 1 and DEMO_NOTICE not in captured.out
     assert json.loads(record.read_text())["notice"] == DEMO_NOTICE
-    out = tmp_path / "sr.png"
-    assert main(["super_resolution", "--no-progress", *FAST, "--image", get_testdata_file("CT_small.dcm"),
-                 "--slices", "0", "--out", str(out)]) == 0
+    out = tmp_path / "edit.png"
+    assert main(["edit", "--no-progress", *FAST, "--image", get_testdata_file("CT_small.dcm"), "--instruction", "x",
+                 "--height", "32", "--width", "32", "--out", str(out)]) == 0
     assert capsys.readouterr().err.count(DEMO_NOTICE) == 1
     assert Image.open(out).text["UniMedVLNotice"] == DEMO_NOTICE
     assert DEMO_NOTICE in pydicom.dcmread(out.with_suffix(".dcm")).ImageComments

@@ -29,6 +29,7 @@ from .atomic import atomic_path
 from .medical_io import MedicalImage
 from .provenance import Provenance
 from .synthetic import DICOM_MANUFACTURER, DICOM_SR_DESCRIPTION
+from .withheld import withhold_dicom_values
 
 __all__ = ["derived_image", "derived_secondary_capture", "derived_image_like_source", "report_sr",
            "patient_orientation_of", "write_dicom", "contributing_equipment", "copy_patient_study",
@@ -63,6 +64,7 @@ _DEFAULT_REPERTOIRE = ("", "ISO_IR 6", "ISO 2022 IR 6")
 def copy_patient_study(target: Dataset, ref: Dataset) -> None:
     """Copy the source's patient and study attributes unchanged (decoded values, re-encoded on writing in
     the same character set, see ``set_output_charset``); those the source lacks keep the target's values."""
+    withhold_dicom_values()  # decoding a non-conformant value makes pydicom quote it in a warning
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in ref:
             element = copy.deepcopy(ref.data_element(keyword))
@@ -451,6 +453,7 @@ def report_sr(evidence: Sequence[Dataset], findings: Sequence[str], report: str 
 
 def write_dicom(ds: Dataset, path: str | Path) -> Path:
     """Save ``ds`` as a DICOM file (with file meta), whole or not at all."""
+    withhold_dicom_values()
     with atomic_path(path) as temporary:
         ds.save_as(str(temporary), enforce_file_format=True)
     return Path(path)

@@ -4,7 +4,8 @@ Everything becomes a display-ready 8-bit RGB image the model can read, without t
 16-bit data: DICOM pixels go through the Modality LUT (rescale slope/intercept), then the VOI transform
 (a window given by the caller, the file's VOI LUT or window, a modality preset, or else the full data
 range), MONOCHROME1 is inverted, colour data (RGB, YBR, palette) is converted to RGB by pydicom.
-Errors name the file and the problem; file paths are the only identifiers ever logged (never patient data).
+Errors name the file and the problem; file paths are the only identifiers ever logged (never patient data;
+pydicom's messages that would quote a header value are redacted, ``withheld.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..modeling.preprocessing import MAX_INPUT_PIXELS, to_rgb
+from .withheld import withhold_dicom_values
 
 __all__ = ["MedicalImage", "ImageReadError", "read_image", "read_slices", "WINDOW_PRESETS", "MODALITY_WINDOWS",
            "MAX_DECLARED_BYTES", "to_uint8_range", "is_dicom_file", "dicom_image_headers", "read_key_slices",
@@ -105,6 +107,7 @@ def read_image(source: Any, frame: int | None = None, window: WindowArg = None,
 def read_slices(source: Any, frames: list[int] | None = None, window: WindowArg = None,
                 series_uid: str | None = None, middle_only: bool = False) -> list[MedicalImage]:
     """Every slice or frame of a source (or those listed in ``frames``), for per-slice processing."""
+    withhold_dicom_values()  # pydicom's value warnings would quote patient attributes
     if isinstance(source, MedicalImage):
         return [source]
     if isinstance(source, Image.Image):

@@ -17,9 +17,9 @@ from pydicom.uid import generate_uid
 
 from ..data.evaluation import psnr_ssim
 from ..data.phantoms import REMOVE_LESIONS, analyze, caption, degrade_for_super_resolution, render, sample_phantom
-from ..io.medical_io import read_slices
 from ..io.atomic import write_text_atomic
 from ..io.dicom_output import write_dicom
+from ..io.medical_io import read_slices
 from ..io.outputs import label_with_provenance, write_image_outputs
 from ..io.synthetic import save_png
 from ..tasks.catalog import TASKS

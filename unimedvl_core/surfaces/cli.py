@@ -54,7 +54,8 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=25,
                    help="sampling steps; 25 is the protocol of the embedded model's recorded scores")
     p.add_argument("--eval-seed", type=int, default=20261123, help="seed of the fresh phantoms")
-    p.add_argument("--out", type=Path, default=None, help="write the scores as JSON")
+    p.add_argument("--out", default=None, metavar="FILE|DIR/",
+                   help="write the scores as JSON (a folder: DIR/phantom_eval.json)")
 
 
 def _add_evaluate_command(sub) -> None:
@@ -148,14 +149,16 @@ def _phantoms(args) -> int:
 
 def _phantom_eval(args, model) -> int:
     from ..data.phantom_eval import evaluate_phantoms
+    from ..io.atomic import write_text_atomic
+    from .cli_tasks import is_folder_target
 
     scores = evaluate_phantoms(model, n=args.n, t2i=args.t2i, sr=args.sr, steps=args.steps, seed=args.eval_seed,
                                progress=not args.no_progress)
     text = json.dumps(scores, indent=2)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        write_text_atomic(Path(args.out) / "phantom_eval.json" if is_folder_target(args.out) else args.out,
+                          text + "\n")
     return 0
 
 

@@ -90,6 +90,11 @@ def test_console_script_runs_the_demo_on_the_embedded_default(tmp_path):
     assert set(summary["outputs"]) == {"vqa", "report", "text_to_image", "super_resolution", "edit"}
     assert (tmp_path / "edit.dcm").is_file() and (tmp_path / "text_to_image.png").is_file()
     assert summary["model"] == "embedded default (phantom-trained)"
+    # the input study is kept for the MAP, whose command is printed; the notice is said once
+    study = tmp_path / "input" / "phantom_ct.dcm"
+    assert pydicom.dcmread(study).SyntheticData == "YES" and summary["input_study"] == str(study.parent)
+    assert f"python monai_deploy_app/app.py -i {study.parent} -o {tmp_path / 'map'}" in result.stdout
+    assert summary["notice"] and result.stderr.count(summary["notice"]) == 1
     # The trained default reads the phantom's lesion count (deterministic: greedy decoding).
     assert parse_count(next(iter(summary["outputs"]["vqa"].values()))) == summary["truth"]["lesions"]
     assert pydicom.dcmread(tmp_path / "edit.dcm").SyntheticData == "YES"

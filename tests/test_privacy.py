@@ -19,6 +19,7 @@ import pytest
 import yaml
 from pydicom import config as pydicom_config
 from pydicom.dataelem import DataElement
+from pydicom.uid import generate_uid
 
 from unimedvl_core.io.medical_io import read_image, read_slices
 from unimedvl_core.surfaces.cli import main
@@ -166,7 +167,10 @@ def test_map_run_and_its_rejection_never_show_the_patient(study, tmp_path):
     assert rejected.returncode == 2 and "cut.dcm" in rejected.stderr
     inputs = tmp_path / "in"
     shutil.copytree(study["good"].parent, inputs)
-    shutil.copy(study["truncated"], inputs / "cut.dcm")  # skipped with its reason
+    other = pydicom.dcmread(study["good"])  # a broken instance of another series: skipped with its reason
+    other.SeriesInstanceUID = other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    other.save_as(inputs / "cut.dcm", enforce_file_format=True)
+    (inputs / "cut.dcm").write_bytes((inputs / "cut.dcm").read_bytes()[:-5000])
     done = _run_app(inputs, tmp_path / "out", tasks)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = (tmp_path / "out" / "summary.json").read_text()

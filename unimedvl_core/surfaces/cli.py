@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "task", None):
             check_task_command(args)
         model = _load(args)
+        if model.provenance.notice and args.command != "info":  # once per command; info prints it itself
+            print(f"note: {model.provenance.notice}", file=sys.stderr)
         handlers = {"info": _info, "demo": _demo, "phantom-eval": _phantom_eval, "evaluate": _evaluate}
         return handlers.get(args.command, run_task_command)(args, model)
     except BrokenPipeError:  # the reader went away (``unimedvl tasks | head``): stop quietly

@@ -275,15 +275,13 @@ def _write_json(args, task: Task, doc: dict, status: str) -> None:
 
 def run_task_command(args, model) -> int:
     """Run the task named by the subcommand on every selected slice (once for text-only tasks, once on the
-    key slices for a series report). A demonstration model's notice goes to stderr once and into the JSON;
+    key slices for a series report). A demonstration model's notice goes into the JSON and the image labels;
     an interrupt keeps the finished outputs and records them in the JSON as "interrupted"."""
     task = TASKS.get(args.task, warn=False)
     check_task_command(args)
     if canonical_name(args.command) in {canonical_name(a) for a in task.aliases}:
         print(f"warning: '{args.command}' is deprecated; use 'unimedvl {task.name}'", file=sys.stderr)
-    notice = model.provenance.notice
-    if notice:
-        print(f"note: {notice}", file=sys.stderr)
+    notice = model.provenance.notice  # said on stderr by the command line once, recorded in the JSON here
     params = task.resolve({p.name: getattr(args, p.name) for p in task.params}, ModelLimits.of(model.config))
     sources = read_inputs(args, task) if task.needs_image else [None]
     doc = {"model": model.name, "weights": model.provenance.to_dict(), "notice": notice, "task": task.name,

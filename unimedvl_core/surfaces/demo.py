@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -121,10 +120,7 @@ def run_demo(model, out: Path, seed: int = 0, steps: int | None = None, progress
     pixels = render(phantom, "ct")
     study = write_dicom(phantom_ct_dicom(pixels, seed), out / "input" / "phantom_ct.dcm")
     ct = read_slices(study)[0]
-    notice = model.provenance.notice
-    if notice:
-        print(f"note: {notice}", file=sys.stderr)
-    summary = {"model": model.name, "weights": model.provenance.to_dict(), "notice": notice,
+    summary = {"model": model.name, "weights": model.provenance.to_dict(), "notice": model.provenance.notice,
                "input": "phantom CT slice (DICOM, synthetic)", "input_study": str(study.parent),
                "map_command": map_command(study.parent, out / "map", ckpt, model.provenance.demo),
                "truth": {"lesions": phantom.count}, "outputs": {}, "measured": {}}

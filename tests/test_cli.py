@@ -164,6 +164,8 @@ def test_json_names_the_weights(tmp_path):
     (["--cfg-interval", "0.4"], "argument --cfg-interval: expected START,END"),
     (["--cfg-interval", "0.6,0.2"], "argument --cfg-interval: must satisfy 0 <= START <= END <= 1"),
     (["--steps", "0"], "argument --num-inference-steps/--steps: must be >= 1 and <= 200"),
+    (["--window", "lungs"], "argument --window: expected CENTRE,WIDTH or a preset (soft_tissue, lung,"),
+    (["--window", "40,-5"], "argument --window: the width must be above 0"),
 ])
 def test_argument_errors_name_the_option_and_its_form(argv, expected, capsys):
     with pytest.raises(SystemExit) as stop:

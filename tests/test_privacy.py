@@ -70,7 +70,10 @@ def everything_logged(caplog):
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    status = main(argv)
+    try:
+        status = main(argv)
+    except SystemExit as stop:  # argument errors
+        status = stop.code
     out = capsys.readouterr()
     return status, out.out + out.err
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 
 from ..io.atomic import write_text_atomic
-from ..io.medical_io import read_key_slices, read_slices
+from ..io.medical_io import WINDOW_PRESETS, read_key_slices, read_slices
 from ..io.outputs import write_image_outputs, write_nifti_slice, write_nifti_volume
 from ..io.paths import check_output_location
 from ..tasks.catalog import TASKS
@@ -68,11 +68,30 @@ def parse_slices(text: str) -> list[int] | str:
 parse_slices.__name__ = "slices"  # argparse names the type in its messages
 
 
+def parse_window(text: str) -> tuple[float, float] | str:
+    """``--window``: "CENTRE,WIDTH" (modality units, width > 0) or a preset name."""
+    if "," not in text:
+        if text not in WINDOW_PRESETS:
+            raise argparse.ArgumentTypeError(f"expected CENTRE,WIDTH or a preset ({', '.join(WINDOW_PRESETS)}); "
+                                             f"got {text!r}")
+        return text
+    try:
+        centre, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CENTRE,WIDTH (two numbers) or a preset (got {text!r})") from None
+    if not width > 0:
+        raise argparse.ArgumentTypeError(f"the width must be above 0 (got {text!r})")
+    return centre, width
+
+
+parse_window.__name__ = "window"
+
+
 def _add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, metavar="PATH", help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI")
     p.add_argument("--slices", type=parse_slices, default="middle", metavar="SEL",
                    help=f"slices or frames of a volume: {SLICES_FORM}")
-    p.add_argument("--window", default=None, metavar="C,W|PRESET",
+    p.add_argument("--window", type=parse_window, default=None, metavar="C,W|PRESET",
                    help="CENTRE,WIDTH or a preset (soft_tissue, lung, bone, brain, liver, mediastinum) "
                         "(default: the file's window, else a modality preset, else the full range)")
     p.add_argument("--series-uid", default=None, help="series to read when a folder holds several")
@@ -141,17 +160,6 @@ def add_task_commands(sub, limits: ModelLimits | None = None) -> None:
         _add_task_command(sub, task, limits)
 
 
-def _window(text: str | None):
-    if text is None or "," not in text:
-        return text
-    try:
-        centre, width = (float(v) for v in text.split(","))
-    except ValueError:
-        raise TaskParameterError(f"--window: expected CENTRE,WIDTH (two numbers) or a preset (got {text!r})") \
-            from None
-    return centre, width
-
-
 def _input_stem(image: str) -> str:
     name = Path(str(image).rstrip("/\\")).name
     for suffix in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
@@ -185,7 +193,7 @@ def json_path(args, task: Task) -> Path:
 
 def read_inputs(args, task: Task) -> list:
     """The slices to run on: one per selected slice, or one list of key slices for a series report."""
-    window, sel = _window(args.window), args.slices
+    window, sel = args.window, args.slices
     frames = None if sel in ("middle", "all") else sel
     if getattr(args, "series_report", False):  # over the whole volume unless --slices narrows it
         return [read_key_slices(args.image, args.key_slices, window, args.series_uid, frames=frames)]

@@ -186,6 +186,12 @@ def test_help_shows_defaults_limits_forms_and_examples(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "A:B (slices A to B-1), all, or middle (default: middle)" in text
     assert "--series-report" in text and "--key-slices N" in text and "(default: 5)" in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    from unimedvl_core.tasks.catalog import TASKS
+
+    assert all(task.examples[0] in text for task in TASKS) and "unimedvl info" in text
 
 
 def test_out_folder_names_files_from_the_input_and_task(tmp_path):

@@ -94,9 +94,19 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the task registry's)")
 
 
+def _examples() -> str:
+    """The first example of every task (from the registry), then the service commands."""
+    lines = [task.examples[0] for task in TASKS if task.examples]
+    lines += ["unimedvl info                  (the model, its weights and limits)",
+              "unimedvl tasks [--json]        (every task, its parameters, defaults and limits)",
+              "unimedvl demo --out outputs/demo",
+              "unimedvl COMMAND --help        (every option with its default, limits and examples)"]
+    return "examples:\n  " + "\n  ".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimedvl", description="UniMedVL: read and make medical images.",
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=HelpFormatter, epilog=_examples())
     parser.add_argument("--version", action="version", version=f"unimedvl-core {__version__}")
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -126,7 +136,8 @@ def _tasks(args) -> int:
         print(f"\n{task['name']}{aliases}: {task['summary']} [{task['takes']} -> {task['returns']}]")
         for p in task["params"]:
             shown = "required" if p["required"] else f"default {p['default']}"
-            print(f"  {p['name']:24s} {p['type']:8s} {shown:22s} {p['help']}")
+            bounds = TASKS.get(task["name"]).param(p["name"]).bounds
+            print(f"  {p['name']:24s} {p['type']:8s} {shown:22s} {p['help']}" + (f" [{bounds}]" if bounds else ""))
     return 0
 
 

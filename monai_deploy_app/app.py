@@ -27,6 +27,9 @@ from pathlib import Path
 
 # Holoscan warns about the stack size on import; the application's stderr is kept for its own one-line messages.
 warnings.filterwarnings("ignore", message="Current stack size")
+import unimedvl_core  # noqa: E402,F401  first: it quiets libraries' import-time log lines (see its __init__)
+
+# isort: split
 
 from monai.deploy.conditions import CountCondition  # noqa: E402
 from monai.deploy.core import Application  # noqa: E402

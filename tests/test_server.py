@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 import time
 
 import numpy as np
@@ -55,8 +57,8 @@ def test_health_info_and_auth(client):
     assert anonymous.get("/info").status_code == 401
     assert anonymous.post("/v1/generate", json={"prompt": "x"}).status_code == 401
     schema = client.get("/openapi.json").json()
-    assert {"/v1/vqa", "/v1/generate", "/v1/image-to-image/{task}", "/v1/jobs/{job_id}", "/v1/tasks",
-            "/v1/tasks/{name}"} <= set(schema["paths"])
+    assert {"/v1/vqa", "/v1/generate", "/v1/image-to-image/edit", "/v1/jobs/{job_id}", "/v1/tasks",
+            "/v1/tasks/{name}", "/v1/chat/completions", "/v1/images/generations", "/v1/models"} <= set(schema["paths"])
 
 
 def test_vqa_with_png_npy_and_dicom_inputs(client):
@@ -111,31 +113,35 @@ def test_bad_generation_requests(client, payload, status):
 
 def test_image_to_image_outputs(client):
     r = client.post("/v1/image-to-image/super_resolution", files={"image": ("a.png", png_bytes((16, 16)))},
-                    data={"params": json.dumps({"scale": 2, "num_inference_steps": 2}), "output": "npy"})
+                    data={"scale": 2, "num_inference_steps": 2, "output": "npy"})
     assert r.status_code == 200, r.text
     assert np.load(io.BytesIO(r.content)).shape == (32, 32, 3)
     ct = open(get_testdata_file("CT_small.dcm"), "rb").read()
     r = client.post("/v1/image-to-image/contrast_translation", files={"image": ("ct.dcm", ct)},
-                    data={"params": json.dumps({"num_inference_steps": 2}), "output": "dicom"})
+                    data={"num_inference_steps": 2, "output": "dicom"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
     ds = pydicom.dcmread(io.BytesIO(r.content))
     source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     assert ds.SyntheticData == "YES" and ds.StudyInstanceUID == source.StudyInstanceUID
+    old = client.post("/v1/image-to-image/super_resolution", files={"image": ("a.png", png_bytes((16, 16)))},
+                      data={"scale": 4, "params": json.dumps({"scale": 2, "num_inference_steps": 1}), "output": "npy"})
+    assert np.load(io.BytesIO(old.content)).shape == (32, 32, 3)  # the deprecated JSON field still works
     r = client.post("/v1/image-to-image/counterfactual", files={"image": ("a.png", png_bytes((32, 32)))},
-                    data={"params": json.dumps({"instruction": "Remove the lesion.", "num_inference_steps": 2})})
+                    data={"instruction": "Remove the lesion.", "num_inference_steps": 2})
     assert r.status_code == 200 and "X-UniMedVL-Explanation" in r.headers
 
 
 @pytest.mark.parametrize("task,files,data,status", [
     ("teleport", {"image": ("a.png", png_bytes())}, {}, 404),
-    ("edit", {"image": ("a.png", png_bytes())}, {"params": "{}"}, 422),                      # no instruction
-    ("edit", {"image": ("a.png", png_bytes())}, {"params": '{"instruction": "x", "warp": 1}'}, 422),
-    ("edit", {"image": ("a.png", png_bytes())}, {"params": "not json"}, 422),
+    ("edit", {"image": ("a.png", png_bytes())}, {}, 422),                                    # no instruction
+    ("edit", {"image": ("a.png", png_bytes())}, {"instruction": "x", "warp": 1}, 422),
+    ("edit", {"image": ("a.png", png_bytes())}, {"params": '{"warp": 1}'}, 422),  # the deprecated JSON field
+    ("edit", {"image": ("a.png", png_bytes())}, {"instruction": "x", "params": "not json"}, 422),
     ("virtual_staining", {"image": ("a.png", b"\x89PNG broken")}, {}, 400),
     ("virtual_staining", {"image": ("a.png", b"")}, {}, 400),
     ("virtual_staining", {"image": ("big.png", png_bytes((2000, 1000)))}, {}, 413),
     ("virtual_staining", {"image": ("a.png", png_bytes())}, {"output": "dicom"}, 400),       # no DICOM source
-    ("virtual_staining", {"image": ("a.png", png_bytes())}, {"params": '{"num_inference_steps": 999}'}, 422),
+    ("virtual_staining", {"image": ("a.png", png_bytes())}, {"num_inference_steps": 999}, 422),
 ])
 def test_bad_image_requests_get_4xx_and_the_server_stays_up(client, task, files, data, status):
     r = client.post(f"/v1/image-to-image/{task}", files=files, data=data)
@@ -158,7 +164,7 @@ def test_jobs_report_progress_and_can_be_cancelled(client):
     assert np.load(io.BytesIO(client.get(f"/v1/jobs/{job}/result").content)).shape == (32, 32, 3)
 
     long = client.post("/v1/jobs/image-to-image/edit", files={"image": ("a.png", png_bytes((64, 64)))},
-                       data={"params": json.dumps({"instruction": "x", "num_inference_steps": 30})}).json()["id"]
+                       data={"instruction": "x", "num_inference_steps": 30}).json()["id"]
     assert client.delete(f"/v1/jobs/{long}").status_code == 200
     for _ in range(400):
         if client.get(f"/v1/jobs/{long}").json()["status"] in ("cancelled", "done"):
@@ -170,8 +176,11 @@ def test_jobs_report_progress_and_can_be_cancelled(client):
 
 
 def test_serving_beyond_loopback_needs_a_token():
+    def never():
+        raise AssertionError("the model must not load")
+
     with pytest.raises(ValueError, match="needs --token"):
-        serve(None, "0.0.0.0", 8999, token=None)
+        serve(never, "0.0.0.0", 8999, token=None)
 
 
 # ----- the task registry is the server's only source of tasks, parameters, defaults and limits -----
@@ -194,8 +203,8 @@ def test_request_schemas_expose_every_parameter_with_the_registrys_defaults(clie
         assert {p.name for p in TASKS.get(name).params} <= set(form)
     # editing parameters the old server did not take
     r = client.post("/v1/image-to-image/edit", files={"image": ("a.png", png_bytes((32, 32)))},
-                    data={"params": json.dumps({"instruction": "x", "num_inference_steps": 1, "cfg_renorm_min": 0.5,
-                                                "vae_posterior": "sample", "analyze_first": False})})
+                    data={"instruction": "x", "num_inference_steps": 1, "cfg_renorm_min": 0.5,
+                          "vae_posterior": "sample", "analyze_first": "false"})
     assert r.status_code == 200, r.text
 
 
@@ -217,9 +226,9 @@ def test_generation_defaults_are_the_registrys(client):
     ("post", "/v1/generate", {"json": {"prompt": "x", "warp": 1}}, "warp"),
     ("post", "/v1/generate", {"json": {"prompt": "x", "height": 33, "width": 32}}, "height"),
     ("post", "/v1/image-to-image/edit", {"files": {"image": ("a.png", png_bytes())},
-                                         "data": {"params": '{"instruction": "x", "warp": 1}'}}, "warp"),
+                                         "data": {"instruction": "x", "warp": 1}}, "warp"),
     ("post", "/v1/image-to-image/stain", {"files": {"image": ("a.png", png_bytes())},
-                                          "data": {"params": '{"timestep_shift": 0}'}}, "timestep_shift"),
+                                          "data": {"timestep_shift": 0}}, "timestep_shift"),
     ("post", "/v1/vqa", {"files": {"image": ("a.png", png_bytes())},
                          "data": {"question": "x", "max_new_tokens": 99999}}, "max_new_tokens"),
     ("post", "/v1/vqa", {"files": {"image": ("a.png", png_bytes())}, "data": {"question": "x", "beams": 4}}, "beams"),
@@ -235,7 +244,7 @@ def test_bad_parameters_are_422_naming_the_parameter(client, method, path, kwarg
 def test_old_and_dashed_task_names_are_accepted(client):
     for spelling in ("stain", "virtual-staining"):
         r = client.post(f"/v1/image-to-image/{spelling}", files={"image": ("a.png", png_bytes((16, 16)))},
-                        data={"params": json.dumps({"num_inference_steps": 1}), "output": "npy"})
+                        data={"num_inference_steps": 1, "output": "npy"})
         assert r.status_code == 200, r.text
         assert r.headers["X-UniMedVL-Task"] == "virtual_staining" and r.headers["X-UniMedVL-Synthetic"] == "YES"
     r = client.post("/v1/image-to-image/vqa", files={"image": ("a.png", png_bytes())})
@@ -275,7 +284,7 @@ def test_a_registered_task_is_served_without_server_changes(tiny_model, echo_upp
         assert "echo_upper" in c.get("/info").json()["tasks"]
         r = c.post("/v1/tasks/echo_upper", data={"params": json.dumps({"text": "no effusion"})})
         assert r.status_code == 200, r.text
-        assert r.json() == {"task": "echo_upper", "text": "NO EFFUSION", "image": None}
+        assert r.json() == {"task": "echo_upper", "text": "NO EFFUSION", "image": None, "notice": None}
         r = c.post("/v1/tasks/echo-upper", data={"params": json.dumps({"text": "x" * 101})})
         assert r.status_code == 422 and "text" in r.json()["detail"]
         job = c.post("/v1/jobs/tasks/echo_upper", data={"params": '{"text": "ok"}'}).json()["id"]
@@ -303,3 +312,153 @@ def test_form_fields_derived_from_any_task_read_text_values(task):
     r = TestClient(app).post("/x", data=fields)
     assert r.status_code == 200, r.text
     assert r.json() == json.loads(json.dumps(spec.resolve(fields)))
+
+
+# ----- privacy, offline documentation, documented media types -----
+PATIENT = "Doe^Jane^Privacytest"
+PATIENT_ID = "PID-77881234"
+
+
+def _dicom_of_patient() -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientName, ds.PatientID = PATIENT, PATIENT_ID
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def _privacy_requests(ct: bytes) -> list[tuple[str, str, dict]]:
+    import base64
+
+    url = "data:application/dicom;base64," + base64.b64encode(ct).decode()
+    broken = ct[: len(ct) // 3]  # the header (with the name) survives, the pixels do not
+    chat = {"model": "randomly initialised", "max_tokens": 3,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "Any lesion?"}]}]}
+    return [
+        ("post", "/v1/vqa", {"files": {"image": ("ct.dcm", ct)}, "data": {"question": "Any lesion?",
+                                                                          "max_new_tokens": 3}}),
+        ("post", "/v1/vqa", {"files": {"image": ("ct.dcm", ct)}, "data": {"question": "x", "max_new_tokens": 0}}),
+        ("post", "/v1/report", {"files": {"image": ("ct.dcm", ct)}, "data": {"max_new_tokens": 3}}),
+        ("post", "/v1/image-to-image/edit", {"files": {"image": ("ct.dcm", ct)},
+                                             "data": {"instruction": "x", "num_inference_steps": 1}}),
+        ("post", "/v1/image-to-image/edit", {"files": {"image": ("ct.dcm", ct)}, "data": {"instruction": "x",
+                                                                                         "warp": "1"}}),
+        ("post", "/v1/image-to-image/edit", {"files": {"image": ("ct.dcm", broken)}, "data": {"instruction": "x"}}),
+        ("post", "/v1/tasks/vqa", {"files": {"image": ("ct.dcm", ct)},
+                                   "data": {"params": json.dumps({"question": "x", "max_new_tokens": 2})}}),
+        ("post", "/v1/chat/completions", {"json": chat}),
+        ("post", "/v1/chat/completions", {"json": {**chat, "max_tokens": 0}}),
+        ("post", "/v1/images/edits", {"files": {"image": ("ct.dcm", ct)}, "data": {"prompt": "x",
+                                                                                   "num_inference_steps": "1"}}),
+        ("post", "/v1/images/edits", {"files": {"image": ("ct.dcm", broken)}, "data": {"prompt": "x"}}),
+    ]
+
+
+def test_patient_identity_appears_in_no_response_and_no_log(client, caplog):
+    """PNG, JSON and error answers carry nothing of the DICOM header (DICOM outputs, which join the
+    patient's study, are the one place the identity belongs, and are not asked for here)."""
+    ct = _dicom_of_patient()
+    statuses = []
+    with caplog.at_level(logging.DEBUG):
+        for method, path, kwargs in _privacy_requests(ct):
+            r = getattr(client, method)(path, **kwargs)
+            statuses.append(r.status_code)
+            seen = r.content + json.dumps(dict(r.headers)).encode()
+            for secret in (PATIENT, "Privacytest", PATIENT_ID):
+                assert secret.encode() not in seen, (path, r.status_code)
+    assert statuses.count(200) == 6 and all(400 <= s < 500 for s in statuses if s != 200), statuses
+    logged = "\n".join(f"{r.getMessage()} {r.args}" for r in caplog.records)
+    assert PATIENT not in logged and PATIENT_ID not in logged and "Privacytest" not in logged
+
+
+def test_api_docs_work_offline(client):
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        sources = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+        assert sources and not [s for s in sources if s.startswith(("http:", "https:", "//"))], sources
+        assets = [s for s in sources if s.endswith((".js", ".css"))]
+        assert assets
+        for asset in assets:
+            r = client.get(asset)
+            assert r.status_code == 200 and len(r.content) > 10_000, asset
+
+
+def test_every_200_is_documented(client):
+    """Each route's 200 has a schema: a model for JSON, binary for images (no empty JSON schema)."""
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, operations in paths.items():
+        for method, op in operations.items():
+            ok = op["responses"].get("200") or op["responses"].get("202")
+            for media, body in ok["content"].items():
+                assert body.get("schema"), (method, path, media)
+                if media.startswith(("image/", "application/x-npy", "application/dicom")):
+                    assert body["schema"] == {"type": "string", "format": "binary"}, (path, media)
+            if path.startswith("/v1/image-to-image/") or path == "/v1/generate":
+                assert "application/json" not in ok["content"] and "image/png" in ok["content"], path
+    form = client.get("/openapi.json").json()["components"]["schemas"]
+    sr = next(v for k, v in form.items() if k.startswith("Body_") and "super_resolution" in k
+              and "job" not in k)["properties"]
+    assert {p.name for p in TASKS.get("super_resolution").params} <= set(sr)
+    assert sr["scale"]["enum"] == [2, 4] or sr["scale"].get("default") == 4
+
+
+def test_serve_honours_every_model_option(monkeypatch, tmp_path):
+    """``unimedvl serve`` loads through the CLI's loader (weights, dtype, device map, revision) and applies
+    --seed, --model-id and --allow-local-images to the app it runs."""
+    import uvicorn
+
+    from unimedvl_core.surfaces import cli
+    from unimedvl_core.surfaces.cli import main
+
+    from .conftest import PARITY_CKPT
+
+    ran, loaded = {}, {}
+    real_load = cli.load_model
+
+    def load_model(ckpt, **kwargs):
+        loaded.update(kwargs, ckpt=ckpt)
+        return real_load(ckpt, **{k: v for k, v in kwargs.items() if k != "device_map"})
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    args = ["serve", "--ckpt", str(PARITY_CKPT), "--dtype", "bfloat16", "--device-map", "auto", "--seed", "42",
+            "--model-id", "unimedvl-test", "--allow-local-images", str(tmp_path), "--no-progress", "--port", "9"]
+    assert main(args) == 0
+    assert loaded["weights"] == "ema" and loaded["device_map"] == "auto" and loaded["revision"] is None
+    app = ran["app"]
+    assert ran["port"] == 9 and str(app.state.model.dtype) == "torch.bfloat16"
+    assert app.state.settings.local_image_root == tmp_path
+    with TestClient(app) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == "unimedvl-test"
+        seeds = [p["default"] for t in c.get("/v1/tasks").json()["tasks"] for p in t["params"] if p["name"] == "seed"]
+        assert seeds and set(seeds) == {42}
+    assert main(["serve", "--ckpt", str(PARITY_CKPT), "--weights", "model", "--no-progress"]) == 2  # no such file
+    assert main(["serve", "--seed", "-1", "--no-progress"]) == 2
+
+
+def test_a_stream_closed_early_cancels_its_job():
+    """A client that goes away mid-answer frees the model: the job stops at its next piece."""
+    from unimedvl_core.surfaces.server.dependencies import Runner
+    from unimedvl_core.surfaces.server.streaming import stream_job
+    from unimedvl_core.surfaces.server.worker import ModelWorker
+
+    sent = []
+
+    def make_fn(streamer):
+        def fn(job):
+            for i in range(200):
+                streamer(f"piece{i} ")
+                sent.append(i)
+                time.sleep(0.005)
+            return "all"
+        return fn
+
+    runner = Runner(model=None, worker=ModelWorker(), settings=Settings())
+    pieces = stream_job(runner, "chat", make_fn)
+    assert next(pieces) == ("token", "piece0 ")
+    pieces.close()
+    job = next(iter(runner.worker.jobs.values()))
+    assert job.done_event.wait(5) and job.status == "cancelled" and len(sent) < 200
+    full = list(stream_job(runner, "chat", make_fn))
+    assert full[-1] == ("done", "all") and len(full) == 201

@@ -22,6 +22,7 @@ from ..io.checkpoint import (
     normalize_device_map,
     save_checkpoint,
 )
+from ..io.hub import checkpoint_name, resolve_checkpoint
 from ..io.provenance import Provenance
 from ..modeling.config import UniMedVLConfig
 from ..modeling.tokenizer import SpecialTokenIds, load_tokenizer
@@ -107,12 +108,16 @@ class Components:
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, weights: str = "ema",
                         device_map: str | dict | None = None, max_memory: dict | None = None,
-                        offload_folder: str | Path | None = None, progress: bool = True):
+                        offload_folder: str | Path | None = None, progress: bool = True,
+                        revision: str | None = None):
         """Load a checkpoint folder in the released layout (docs/checkpoint.md), strictly.
 
         Args:
             path: folder with ``llm_config.json``, ``vit_config.json``, ``ema.safetensors`` (or
-                ``model.safetensors``), ``ae.safetensors``, tokenizer files and optionally ``config.json``.
+                ``model.safetensors``), ``ae.safetensors``, tokenizer files and optionally ``config.json``;
+                or a Hugging Face Hub id (``General-Medical-AI/UniMedVL``), fetched into or found in the Hub
+                cache (docs/checkpoint.md#hub-ids).
+            revision: the Hub branch, tag or commit (Hub ids only).
             device: where to run; CUDA when available, else CPU.
             dtype: parameter dtype; bfloat16 on GPU and float32 on CPU by default.
             weights: ``"ema"`` (``ema.safetensors``, the default) or ``"model"`` (``model.safetensors``).
@@ -121,7 +126,8 @@ class Components:
             offload_folder: where disk-offloaded weights go (a temporary folder by default; never the
                 checkpoint folder).
         """
-        path = Path(path)
+        name = checkpoint_name(path, revision)
+        path = resolve_checkpoint(path, revision, weights)
         device = torch.device(device) if device is not None else default_device()
         dtype = as_dtype(dtype) if dtype is not None else default_dtype(device)
         weights_path = _weights_file(path, weights)
@@ -132,8 +138,7 @@ class Components:
         offload = _offload_folder(device_map, offload_folder, path)
         embedded_vae = load_model_weights(model, weights_path, dtype, device, device_map, offload, progress)
         vae = load_vae(config, path / VAE_FILE, dtype, device, override=embedded_vae or None)
-        return cls(model, vae, tokenizer, config, tokenizer_dir=path, name=path.resolve().name,
-                   weights_file=weights_path)
+        return cls(model, vae, tokenizer, config, tokenizer_dir=path, name=name, weights_file=weights_path)
 
     @classmethod
     def from_config(cls, config: UniMedVLConfig, tokenizer_dir: str | Path, seed: int = 0,

@@ -2,6 +2,8 @@
 
     model = UniMedVL.from_pretrained("/path/to/UniMedVL")
     model.answer("chest.dcm", "Is there a pleural effusion?")
+    model.chat([{"role": "user", "content": "Is there an effusion?", "images": ["chest.dcm"]},
+                {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Which side?"}])
     model.generate_image("Chest X-ray with a right lower lobe consolidation", height=512, width=512)
     model.edit_image("t2.nii.gz", "Translate this T2 MRI image into the corresponding FLAIR image.")
 
@@ -22,6 +24,7 @@ from typing_extensions import Unpack
 
 from ..io.medical_io import MedicalImage, read_image
 from .components import Components
+from .conversation import ConversationPipeline, Turn
 from .image_generation import EDITING_GUIDANCE, TEXT_TO_IMAGE_GUIDANCE, GuidanceSettings
 from .latents import OUTPUT_TYPES
 from .prompts import report_prompt, staining_instruction, super_resolution_instruction, translation_instruction
@@ -96,6 +99,18 @@ class UniMedVL(Components):
         out = UnderstandingPipeline(self)(images, question, max_new_tokens, do_sample, temperature, top_p,
                                           stop_token_ids, streamer, generator, output_logits)
         return out if return_dict or output_logits else out.text
+
+    def chat(self, messages: Sequence[dict | Turn], max_new_tokens: int = DECODING.max_new_tokens,
+             return_dict: bool = False, **decoding) -> str | TextOutput:
+        """Answer the last user message of a conversation, with every earlier turn in the context.
+
+        Args:
+            messages: dicts ``{"role": "system" | "user" | "assistant", "content": text, "images": [...]}``
+                (images on user turns, before their text), or ``Turn``; the last is the user's.
+            decoding: the other arguments of ``answer`` (sampling, streamer, stop ids, logits).
+        """
+        out = ConversationPipeline(self)(messages, max_new_tokens, **decoding)
+        return out if return_dict or decoding.get("output_logits") else out.text
 
     def generate_report(self, image: ImageInput, prompt: str | None = None, modality: str | None = None,
                         max_new_tokens: int = DECODING.max_new_tokens, **decoding) -> str | TextOutput:

@@ -32,9 +32,11 @@ _IMAGE_SUFFIXES = (".nii.gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", 
 
 
 def load_network(ckpt_dir: str | None = None, device: str | torch.device | None = None, dtype: str | None = None,
-                 progress: bool = False):
-    """The released checkpoint in ``ckpt_dir``, or the embedded default model when it is None."""
-    return load_model(ckpt_dir or None, device=device, dtype=dtype, progress=progress)
+                 progress: bool = False, revision: str | None = None):
+    """The released checkpoint in ``ckpt_dir`` (a folder, or a Hub id at ``revision``), or the embedded
+    default model when it is None."""
+    return load_model(ckpt_dir or None, device=device, dtype=dtype, progress=progress,
+                      **({"revision": revision} if ckpt_dir and revision else {}))
 
 
 def read_lines(path: str | None) -> list[str]:

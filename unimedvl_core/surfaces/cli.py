@@ -85,7 +85,11 @@ def _add_service_commands(sub) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     p.add_argument("--port", type=int, default=8765, help="port")
-    p.add_argument("--token", default=None, help="bearer token (default: UNIMEDVL_TOKEN); required beyond loopback")
+    p.add_argument("--token", default=None, help="bearer token (None: UNIMEDVL_TOKEN); required beyond loopback")
+    p.add_argument("--seed", type=int, default=None, help="seed of requests that give none (None: the registry's)")
+    p.add_argument("--model-id", default=None, help="the id GET /v1/models lists (None: the weights' name)")
+    p.add_argument("--allow-local-images", type=Path, default=None, metavar="DIR",
+                   help="let chat image_url parts name files under DIR (None: data URLs only)")
     p = sub.add_parser("demo", help="run every kind of task on the embedded default model and write the results",
                        formatter_class=HelpFormatter)
     add_model_args(p)
@@ -119,9 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args):
     model = load_model(args.ckpt, device=args.device, dtype=args.dtype, progress=not args.no_progress,
-                       **({"weights": args.weights, "device_map": args.device_map} if args.ckpt else {}))
+                       **_checkpoint_options(args))
     model.progress = not args.no_progress
     return model
+
+
+def _checkpoint_options(args) -> dict:
+    """The options that apply to a checkpoint given with --ckpt (the embedded model takes none)."""
+    if not args.ckpt:
+        return {}
+    return {"weights": args.weights, "device_map": args.device_map, "revision": args.revision}
 
 
 def _tasks(args) -> int:
@@ -191,10 +202,10 @@ def _evaluate(args, model) -> int:
 
 
 def _serve(args) -> int:
-    from .server.app import serve
+    from .server.app import Settings, serve
 
-    serve(str(args.ckpt) if args.ckpt else None, args.host, args.port, args.token or os.environ.get("UNIMEDVL_TOKEN"),
-          args.device, args.dtype)
+    settings = Settings(seed=args.seed, model_id=args.model_id, local_image_root=args.allow_local_images)
+    serve(lambda: _load(args), args.host, args.port, args.token or os.environ.get("UNIMEDVL_TOKEN"), settings)
     return 0
 
 

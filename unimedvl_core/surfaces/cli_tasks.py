@@ -38,7 +38,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", type=Path, help="checkpoint folder in the released layout (default: embedded model)")
+    p.add_argument("--ckpt", type=Path, help="checkpoint folder in the released layout, or a Hugging Face Hub id "
+                   "such as General-Medical-AI/UniMedVL (default: embedded model)")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of a --ckpt Hub id (None: main)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights file to load")

@@ -8,10 +8,18 @@ Python) can talk to a server without torch installed. It sends images as ``.npy`
     for piece in client.vqa_stream(array, "Describe the image."): print(piece, end="")
     image = client.generate("CT image with two lesions.", num_inference_steps=25)
     job = client.submit_image_task("super_resolution", array, {"scale": 2}); client.wait(job, progress=print)
+    client.chat([{"role": "user", "content": [{"type": "text", "text": "Any effusion?"},
+                                              {"type": "image_url", "image_url": {"url": data_url(array)}}]}])
+    for piece in client.chat(messages, stream=True): print(piece, end="")
+
+``chat`` speaks the OpenAI-compatible ``/v1/chat/completions`` (docs/serving.md): messages in OpenAI's format,
+images as data URLs (``data_url`` makes one from an array). Answers of the embedded demonstration model carry
+its notice: ``chat`` returns it in ``client.last_notice``.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -23,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["UniMedVLClient", "ServerError", "Cancelled"]
+__all__ = ["UniMedVLClient", "ServerError", "Cancelled", "data_url"]
 
 
 class ServerError(RuntimeError):
@@ -43,15 +51,30 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def data_url(image: np.ndarray) -> str:
+    """An array as the ``data:`` URL of an ``image_url`` part (``.npy``, read by the server as it is)."""
+    return "data:application/x-npy;base64," + base64.b64encode(_npy(image)).decode()
+
+
+def _field(value: Any) -> str:
+    """A form field's text: intervals as ``START,END``, booleans lower case, objects as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return ",".join(str(v) for v in value)
+    return json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+
+
 def _multipart(fields: dict[str, Any], files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = []
     for name, value in fields.items():
         if value is None:
             continue
-        text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else \
-            str(value).lower() if isinstance(value, bool) else str(value)
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{text}\r\n'.encode())
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{_field(value)}\r\n'
+                     .encode())
     for name, (filename, data, content_type) in files.items():
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
                      f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
@@ -64,6 +87,7 @@ class UniMedVLClient:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.last_notice: str | None = None  # the demonstration-model notice of the last chat answer
 
     # ----- transport -----
     def _request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
@@ -78,7 +102,9 @@ class UniMedVLClient:
         except urllib.error.HTTPError as err:
             payload = err.read().decode(errors="replace")
             try:
-                message = json.loads(payload).get("detail", payload)
+                body = json.loads(payload)
+                message = body["error"]["message"] if isinstance(body.get("error"), dict) else \
+                    body.get("detail", payload)
             except (json.JSONDecodeError, AttributeError):
                 message = payload
             raise ServerError(err.code, message if isinstance(message, str) else json.dumps(message)) from None
@@ -157,15 +183,50 @@ class UniMedVLClient:
 
     def image_task(self, task: str, image: np.ndarray, params: dict | None = None) -> tuple[np.ndarray, str | None]:
         """Runs an image-to-image task; returns the image and the explanation (counterfactual) if any."""
-        data, headers = self._form(f"/v1/image-to-image/{task}", image, {"params": params or {}, "output": "npy"})
+        data, headers = self._form(f"/v1/image-to-image/{task}", image, {**(params or {}), "output": "npy"})
         return self._image(data), headers.get("X-UniMedVL-Explanation")
+
+    # ----- OpenAI-compatible chat -----
+    def model_id(self) -> str:
+        """The id of the model the server serves (``GET /v1/models``)."""
+        return self._json("GET", "/v1/models")["data"][0]["id"]
+
+    def chat(self, messages: list[dict], max_tokens: int | None = None, temperature: float | None = None,
+             stream: bool = False, model: str | None = None, **options) -> str | Iterator[str]:
+        """The answer to the last user message with the earlier turns in the context (``/v1/chat/completions``);
+        with ``stream=True`` an iterator of its pieces. ``options``: ``top_p``, ``seed``. Sampling happens
+        only with a temperature > 0 (or ``top_p``); by default decoding is greedy."""
+        payload = {"model": model or self.model_id(), "messages": messages, "max_tokens": max_tokens,
+                   "temperature": temperature, "stream": stream, **options}
+        body = json.dumps({k: v for k, v in payload.items() if v is not None}).encode()
+        if stream:
+            return self._chat_stream(body)
+        data, _ = self._request("POST", "/v1/chat/completions", body, "application/json")
+        answer = json.loads(data)
+        self.last_notice = answer.get("notice")
+        return answer["choices"][0]["message"]["content"]
+
+    def _chat_stream(self, body: bytes) -> Iterator[str]:
+        response = self._request("POST", "/v1/chat/completions", body, "application/json", stream=True)
+        with response:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise ServerError(500, event["error"].get("message", "the answer failed"))
+                self.last_notice = event.get("notice") or self.last_notice
+                for choice in event.get("choices", []):
+                    if choice["delta"].get("content"):
+                        yield choice["delta"]["content"]
 
     # ----- jobs -----
     def submit_generate(self, prompt: str, **params) -> str:
         return self._json("POST", "/v1/jobs/generate", {"prompt": prompt, "output": "npy", **params})["id"]
 
     def submit_image_task(self, task: str, image: np.ndarray, params: dict | None = None) -> str:
-        data, _ = self._form(f"/v1/jobs/image-to-image/{task}", image, {"params": params or {}, "output": "npy"})
+        data, _ = self._form(f"/v1/jobs/image-to-image/{task}", image, {**(params or {}), "output": "npy"})
         return json.loads(data)["id"]
 
     def status(self, job_id: str) -> dict:

@@ -4,6 +4,8 @@
   (the embedded model's own folder included): the checkpoint is the folder itself or its one sub-folder
   holding one (the MAP packager copies ``-m /models/UniMedVL`` to ``<models>/UniMedVL/``). Several
   checkpoints, or a checkpoint with files missing, stop the application with a message naming them.
+- A Hugging Face Hub id (``-m General-Medical-AI/UniMedVL``, or ``org/name@revision``) is the checkpoint
+  in the Hub cache (fetched when the container may reach the Hub; ``HF_HUB_OFFLINE=1`` for the cache only).
 - With no model folder (none given, or the given one absent or empty), the embedded phantom-trained
   demonstration model runs only when asked for (``UNIMEDVL_ALLOW_DEMO_MODEL=1`` or ``allow_demo_model: true``
   in the task file); otherwise the application stops and says how to give a model.
@@ -15,7 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...io.checkpoint import VAE_FILE, WEIGHT_FILES
+from ...io.checkpoint import VAE_FILE, WEIGHT_FILES, CheckpointError
+from ...io.hub import is_hub_id, resolve_checkpoint, split_revision
 
 __all__ = ["ModelChoice", "ModelFolderError", "DEMO_ENV", "checkpoint_problem", "choose_model"]
 
@@ -72,8 +75,21 @@ def _demo_allowed(allow_demo_model: bool) -> bool:
     return allow_demo_model or os.environ.get(DEMO_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _hub_checkpoint(repo: str, revision: str | None) -> Path:
+    try:
+        found = _find_checkpoint(resolve_checkpoint(repo, revision))
+    except CheckpointError as err:
+        raise ModelFolderError(str(err)) from None
+    if found is None:
+        raise ModelFolderError(f"Hub model {repo} holds no checkpoint (llm_config.json, ema.safetensors, ...)")
+    return found
+
+
 def choose_model(model_path: str | Path | None, allow_demo_model: bool = False) -> ModelChoice:
     """The weights to run (see the module docstring); raises ``ModelFolderError`` with a one-line reason."""
+    repo, revision = split_revision(model_path) if model_path else (None, None)
+    if repo is not None and is_hub_id(repo):
+        return ModelChoice(_hub_checkpoint(repo, revision), demo=False)
     folder = Path(model_path) if model_path else None
     if folder is not None and folder.exists():
         if not folder.is_dir():

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ... import __version__
+from ...io.hub import is_hub_id, split_revision
 from .config import DeployConfig, load_deploy_config
 from .inputs import InputError, InputScan, check_folders, scan_dicom_folder
 from .model import ModelChoice, ModelFolderError, choose_model
@@ -89,7 +90,7 @@ def preflight(args: argparse.Namespace, tasks_file: str | Path) -> Preflight:
     try:
         check_folders(input_folder, output_folder)
         scan = scan_dicom_folder(input_folder, include_synthetic=config.include_synthetic_inputs)
-        if args.model_given and not Path(args.model).exists():
+        if args.model_given and not Path(args.model).exists() and not is_hub_id(split_revision(args.model)[0]):
             raise ModelFolderError(f"model folder {args.model} does not exist")
         model = choose_model(args.model, config.allow_demo_model)
     except (InputError, ModelFolderError) as err:

@@ -17,7 +17,8 @@ from .settings import Settings
 from .worker import Job, JobCancelled, JobTimeout, ModelWorker, QueueFull
 
 __all__ = ["Runner", "get_settings", "get_registry", "get_model", "get_worker", "get_runner", "authorized",
-           "SettingsDep", "RegistryDep", "ModelDep", "RunnerDep", "lookup_task", "known_form_fields"]
+           "SettingsDep", "RegistryDep", "ModelDep", "RunnerDep", "lookup_task", "known_form_fields",
+           "served_model_id", "ServedIdDep", "DEMO_MODEL_ID"]
 
 
 def get_settings(request: Request) -> Settings:
@@ -42,6 +43,18 @@ def get_worker(request: Request) -> ModelWorker:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[TaskRegistry, Depends(get_registry)]
 ModelDep = Annotated[Any, Depends(get_model)]
+
+DEMO_MODEL_ID = "unimedvl-embedded-demo"
+
+
+def served_model_id(model: ModelDep, settings: SettingsDep) -> str:
+    """The one model id this server serves (``GET /v1/models``): ``--model-id``, else the weights' name."""
+    if settings.model_id:
+        return settings.model_id
+    return DEMO_MODEL_ID if model.provenance.demo else model.name
+
+
+ServedIdDep = Annotated[str, Depends(served_model_id)]
 
 
 def authorized(request: Request, settings: SettingsDep) -> None:
@@ -73,6 +86,11 @@ class Runner:
         except ValueError as err:
             raise http_error(422, str(err)) from None
 
+    @property
+    def notice(self) -> str | None:
+        """The demonstration-model notice every answer of the embedded model carries once."""
+        return self.model.provenance.notice
+
     def job_fn(self, task: Task, image: Any, params: dict,
                streamer: Callable[[str], None] | None = None) -> Callable[[Job], TaskResult]:
         def fn(job: Job) -> TaskResult:
@@ -96,9 +114,18 @@ class Runner:
         return {"batch_key": key, "batch_fn": batch_fn, "item": item}
 
     def run(self, task: Task, image: Any, params: dict) -> TaskResult:
-        """Queue the task and wait for it: 429 when the queue is full, 504 on timeout, 409 when cancelled."""
+        """Queue the task and wait for it (``wait``)."""
+        return self.wait(self.submit(task, self.job_fn(task, image, params), None, image, params))
+
+    def run_all(self, task: Task, image: Any, params: list[dict]) -> list[TaskResult]:
+        """Several runs of ``task`` queued together (so that the worker may batch them), then waited for."""
+        jobs = [self.submit(task, self.job_fn(task, image, p), None, image, p) for p in params]
+        return [self.wait(job) for job in jobs]
+
+    def wait(self, job: Job) -> Any:
+        """A queued job's result: 504 on timeout, 409 when cancelled, 422 for argument errors found while
+        running; other failures propagate."""
         try:
-            job = self.submit(task, self.job_fn(task, image, params), None, image, params)
             return self.worker.run_job(job, timeout=self.settings.request_timeout)
         except JobCancelled:
             raise http_error(409, "the request was cancelled") from None
@@ -112,8 +139,12 @@ class Runner:
         """Queue ``fn``; with the request's ``image`` and ``params`` it may be batched (``batch``)."""
         batch = self.batch(task, image, params) if params is not None else {}
         meta = dict(meta or {}, **({"batch_item": batch.pop("item")} if batch else {}))
+        return self.submit_call(task.name, fn, meta, **batch)
+
+    def submit_call(self, name: str, fn: Callable[[Job], Any], meta: dict | None = None, **batch: Any) -> Job:
+        """Queue ``fn`` under ``name`` (a task's, or ``chat``); 429 when the queue is full."""
         try:
-            return self.worker.submit(task.name, fn, meta, **batch)
+            return self.worker.submit(name, fn, meta, **batch)
         except QueueFull as err:
             raise http_error(429, str(err)) from None
 

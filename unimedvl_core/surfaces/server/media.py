@@ -19,7 +19,7 @@ from ...tasks.registry import TaskResult
 from .settings import Settings
 
 __all__ = ["http_error", "load_upload", "decode_upload", "image_response", "result_response", "header_text",
-           "parse_params"]
+           "parse_params", "labelled_png"]
 
 
 def http_error(status: int, message: str) -> HTTPException:
@@ -96,30 +96,39 @@ def _dicom(image: Image.Image, source: MedicalImage | None, task: str, from_sour
     return buf.getvalue()
 
 
-def image_response(image: Image.Image, output: str, source: MedicalImage | None, task: str,
-                   extra_headers: dict | None = None, from_source: bool = True) -> Response:
-    """A generated image with its synthetic labels: the header always, PNG text chunks or DICOM
-    ``SyntheticData`` in the file."""
-    headers = {"X-UniMedVL-Synthetic": "YES", "X-UniMedVL-Task": task,
-               "X-UniMedVL-Description": header_text(image.info.get("Description", ""))[:500],
-               "X-UniMedVL-Weights": header_text(image.info.get(WEIGHTS_KEY, ""))[:300], **(extra_headers or {})}
-    buf = io.BytesIO()
-    if output == "npy":
-        np.save(buf, np.asarray(image))
-        return Response(buf.getvalue(), media_type="application/x-npy", headers=headers)
-    if output == "dicom":
-        return Response(_dicom(image, source, task, from_source), media_type="application/dicom", headers=headers)
+def labelled_png(image: Image.Image) -> bytes:
+    """The image as PNG with its labels (synthetic, task, weights) in text chunks."""
     meta = PngImagePlugin.PngInfo()
     for key, value in image.info.items():
         if isinstance(value, str):
             meta.add_text(key, value)
+    buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=meta)
-    return Response(buf.getvalue(), media_type="image/png", headers=headers)
+    return buf.getvalue()
 
 
-def result_response(result: TaskResult, output: str, source: MedicalImage | None) -> Response:
+def image_response(image: Image.Image, output: str, source: MedicalImage | None, task: str,
+                   extra_headers: dict | None = None, from_source: bool = True, notice: str | None = None) -> Response:
+    """A generated image with its synthetic labels: the header always, PNG text chunks or DICOM
+    ``SyntheticData`` in the file; the demonstration-model notice in ``X-UniMedVL-Notice``."""
+    headers = {"X-UniMedVL-Synthetic": "YES", "X-UniMedVL-Task": task,
+               "X-UniMedVL-Description": header_text(image.info.get("Description", ""))[:500],
+               "X-UniMedVL-Weights": header_text(image.info.get(WEIGHTS_KEY, ""))[:300],
+               **({"X-UniMedVL-Notice": header_text(notice)} if notice else {}), **(extra_headers or {})}
+    if output == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(image))
+        return Response(buf.getvalue(), media_type="application/x-npy", headers=headers)
+    if output == "dicom":
+        return Response(_dicom(image, source, task, from_source), media_type="application/dicom", headers=headers)
+    return Response(labelled_png(image), media_type="image/png", headers=headers)
+
+
+def result_response(result: TaskResult, output: str, source: MedicalImage | None,
+                    notice: str | None = None) -> Response:
     """Any task's result: JSON for text only, else the image with the text (an explanation) in a header."""
     if result.image is None:
-        return JSONResponse({"task": result.task, "text": result.text, "image": None})
+        return JSONResponse({"task": result.task, "text": result.text, "image": None, "notice": notice})
     headers = {"X-UniMedVL-Explanation": header_text(result.text)[:2000]} if result.text else None
-    return image_response(result.image, output, source, result.task, headers, from_source=source is not None)
+    return image_response(result.image, output, source, result.task, headers, from_source=source is not None,
+                          notice=notice)

@@ -66,9 +66,11 @@ def _default(p: Param, form: bool) -> Any:
     return p.default
 
 
-def body_model(task: Task, name: str, **extra: tuple[Any, Any]) -> type[BaseModel]:
-    """A JSON body model of ``task``'s parameters (plus route fields in ``extra``); unknown keys are a 422."""
-    fields = {p.name: (_annotation(p, False), Field(_default(p, False), **_constraints(p))) for p in task.params}
+def body_model(task: Task, name: str, exclude: Iterable[str] = (), **extra: tuple[Any, Any]) -> type[BaseModel]:
+    """A JSON body model of ``task``'s parameters but ``exclude`` (plus route fields in ``extra``); unknown keys
+    are a 422."""
+    fields = {p.name: (_annotation(p, False), Field(_default(p, False), **_constraints(p))) for p in task.params
+              if p.name not in exclude}
     return create_model(name, __config__=ConfigDict(extra="forbid"), **fields, **extra)
 
 

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from ..dependencies import authorized, get_worker
+from ..dependencies import ModelDep, authorized, get_worker
 from ..media import http_error, result_response
+from ..responses import TaskText, image_responses
 from ..schemas import JobInfo
 from ..worker import Job, ModelWorker
 
@@ -47,8 +48,8 @@ def job_cancel(job: JobDep, worker: WorkerDep) -> dict:
     return worker.cancel(job.id).public()
 
 
-@router.get("/{job_id}/result")
-def job_result(job: JobDep):
+@router.get("/{job_id}/result", response_model=TaskText, responses=image_responses())
+def job_result(job: JobDep, model: ModelDep):
     """The finished job's output: the image (labelled synthetic), or JSON for a text-only result; 409 while
     it runs or after it was cancelled, 422 when its parameters were refused."""
     if job.status in ("queued", "running"):
@@ -56,4 +57,5 @@ def job_result(job: JobDep):
     if job.status != "done":
         status = 422 if isinstance(job.result, ValueError) else 409
         raise http_error(status, f"job {job.id} {job.status}: {job.error or job.status}")
-    return result_response(job.result, job.meta.get("output", "png"), job.meta.get("source"))
+    return result_response(job.result, job.meta.get("output", "png"), job.meta.get("source"),
+                           model.provenance.notice)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from ....tasks.registry import Task, TaskRegistry
 from ..dependencies import RegistryDep, Runner, RunnerDep, SettingsDep, authorized, lookup_task
 from ..media import http_error, load_upload, parse_params, result_response
+from ..responses import TaskText, image_responses
 from ..schemas import JobInfo, OutputFormat
 from ..settings import Settings
 from .jobs import accepted
@@ -20,7 +21,8 @@ __all__ = ["router"]
 router = APIRouter(dependencies=[Depends(authorized)], tags=["tasks"])
 
 IMAGE = File(None, description="the input image, for tasks that take one (PNG/JPEG/TIFF, .npy or DICOM)")
-PARAMS = Form("{}", description="the task's parameters as a JSON object (GET /v1/tasks lists them)")
+PARAMS = Form("{}", description="the task's parameters as a JSON object, e.g. {\"scale\": 2} (GET /v1/tasks lists "
+                               "each task's parameters, types, defaults and bounds; docs/serving.md)")
 OUTPUT = Form("png", description="for image results: png, npy, or dicom (DICOM inputs only)")
 
 
@@ -35,13 +37,13 @@ def _request(runner: Runner, registry: TaskRegistry, settings: Settings, name: s
     return task, load_upload(image, settings) if image is not None else None, values
 
 
-@router.post("/v1/tasks/{name}")
+@router.post("/v1/tasks/{name}", response_model=TaskText, responses=image_responses())
 def run_task(name: str, runner: RunnerDep, registry: RegistryDep, settings: SettingsDep,
              image: UploadFile | None = IMAGE, params: str = PARAMS, output: OutputFormat = OUTPUT):
     """Run a task: ``{"task", "text", "image": null}`` for a text result, else the image (labelled
     synthetic) with any text in ``X-UniMedVL-Explanation``."""
     task, src, values = _request(runner, registry, settings, name, image, params)
-    return result_response(runner.run(task, src, values), output, src)
+    return result_response(runner.run(task, src, values), output, src, runner.notice)
 
 
 @router.post("/v1/jobs/tasks/{name}", status_code=202, response_model=JobInfo)

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import queue
 from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import StreamingResponse
 
-from ....tasks.registry import Task, TaskRegistry, TaskResult
+from ....tasks.registry import Task, TaskRegistry
 from ..dependencies import Runner, RunnerDep, SettingsDep, authorized, known_form_fields
 from ..media import load_upload
+from ..responses import Answer, Report
 from ..schemas import endpoint
-from ..worker import Job
+from ..streaming import stream_job
 
 __all__ = ["build_router"]
 
@@ -31,37 +31,23 @@ def _vqa(task: Task, /, *, runner: RunnerDep, settings: SettingsDep, image: Uplo
     params = runner.resolve(task, values)
     src = load_upload(image, settings)
     if not stream:
-        return {"answer": runner.run(task, src, params).text}
+        return {"answer": runner.run(task, src, params).text, "notice": runner.notice}
     return _stream(runner, task, src, params)
 
 
 def _stream(runner: Runner, task: Task, src: Any, params: dict) -> StreamingResponse:
-    pieces: queue.Queue = queue.Queue()
-    inner = runner.job_fn(task, src, params, streamer=lambda text: pieces.put(("token", text)))
-
-    def fn(job: Job) -> TaskResult:
-        result = inner(job)
-        pieces.put(("done", result.text))
-        return result
-
-    job = runner.submit(task, fn)
-    return StreamingResponse(_events(job, pieces), media_type="text/event-stream")
+    pieces = stream_job(runner, task.name, lambda streamer: runner.job_fn(task, src, params, streamer=streamer))
+    return StreamingResponse(_events(pieces, runner.notice), media_type="text/event-stream")
 
 
-def _events(job: Job, pieces: queue.Queue) -> Iterator[str]:
-    while True:
-        try:
-            kind, value = pieces.get(timeout=1.0)
-        except queue.Empty:
-            if job.status in ("failed", "cancelled"):
-                yield f"data: {json.dumps({'error': job.error or job.status})}\n\n"
-                return
-            continue
+def _events(pieces: Iterator[tuple[str, Any]], notice: str | None) -> Iterator[str]:
+    for kind, value in pieces:
         if kind == "token":
             yield f"data: {json.dumps({'token': value})}\n\n"
+        elif kind == "done":
+            yield f"data: {json.dumps({'done': True, 'answer': value.text, 'notice': notice})}\n\n"
         else:
-            yield f"data: {json.dumps({'done': True, 'answer': value})}\n\n"
-            return
+            yield f"data: {json.dumps({'error': value})}\n\n"
 
 
 def _report(task: Task, /, *, runner: RunnerDep, settings: SettingsDep, image: UploadFile = IMAGE,
@@ -73,14 +59,18 @@ def _report(task: Task, /, *, runner: RunnerDep, settings: SettingsDep, image: U
     src = load_upload(image, settings)
     if modality:
         src = dataclasses.replace(src, modality=modality)
-    return {"report": runner.run(task, src, params).text}
+    return {"report": runner.run(task, src, params).text, "notice": runner.notice}
 
 
 def build_router(registry: TaskRegistry) -> APIRouter:
     """The routes of the registry's ``vqa`` and ``report`` tasks."""
     router = APIRouter(dependencies=[Depends(authorized)], tags=["read"])
-    for name, fn, extra in (("vqa", _vqa, "stream"), ("report", _report, "modality")):
+    events = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    "description": "JSON, or with stream=true events {token}, then {done, answer, notice}"}}
+    for name, fn, extra, model, more in (("vqa", _vqa, "stream", Answer, events), ("report", _report, "modality",
+                                                                                  Report, None)):
         task, path = registry.get(name, warn=False), f"/v1/{name}"
         router.add_api_route(path, endpoint(fn, task, form=task), methods=["POST"], summary=task.summary,
-                             dependencies=[Depends(known_form_fields(task, "image", extra))])
+                             dependencies=[Depends(known_form_fields(task, "image", extra))], response_model=model,
+                             responses=more)
     return router

@@ -196,7 +196,7 @@ def test_server_responses_and_logs(study, tiny_model, everything_logged):
             ("/v1/report", {"image": ("ct.dcm", good)}, {"max_new_tokens": 3}, 200),
             ("/v1/vqa", {"image": ("cut.dcm", cut)}, {"question": "x"}, 400),
             ("/v1/image-to-image/edit", {"image": ("ct.dcm", good)},
-             {"params": json.dumps({"instruction": "x", "num_inference_steps": 1, "height": 32, "width": 32})}, 200),
+             {"instruction": "x", "num_inference_steps": 1, "height": 32, "width": 32}, 200),
         ]:
             r = client.post(path, files=files, data=data)
             assert r.status_code == status, (path, r.text)

@@ -2,7 +2,8 @@
 whose patient has a known name, ID, birth date and age (the last two non-conformant, so that pydicom's value
 checks would quote them) goes through the CLI (success and error paths, without --debug), the bundle's task
 runner and the MONAI Deploy application, and none of those strings may appear in anything they say.
-(The DICOM outputs themselves carry the patient module on purpose: they join the patient's study.)"""
+(The DICOM outputs themselves carry the patient module on purpose: they join the patient's study.) The
+server's responses and logs are checked the same way in tests/test_server.py."""
 
 from __future__ import annotations
 
@@ -180,25 +181,3 @@ def test_map_run_and_its_rejection_never_show_the_patient(study, tmp_path):
     assert "cut.dcm" in summary and json.loads(summary)["series"]
     assert _leaks(rejected.stdout, rejected.stderr, done.stdout, done.stderr, summary) == []
 
-
-def test_server_responses_and_logs(study, tiny_model, everything_logged):
-    from fastapi.testclient import TestClient
-
-    from unimedvl_core.surfaces.server.app import Settings, create_app
-
-    app = create_app(model=tiny_model, settings=Settings(token="t"))
-    said = []
-    with TestClient(app) as client:
-        client.headers.update({"Authorization": "Bearer t"})
-        good, cut = study["good"].read_bytes(), study["truncated"].read_bytes()
-        for path, files, data, status in [
-            ("/v1/vqa", {"image": ("ct.dcm", good)}, {"question": "Any lesion?", "max_new_tokens": 3}, 200),
-            ("/v1/report", {"image": ("ct.dcm", good)}, {"max_new_tokens": 3}, 200),
-            ("/v1/vqa", {"image": ("cut.dcm", cut)}, {"question": "x"}, 400),
-            ("/v1/image-to-image/edit", {"image": ("ct.dcm", good)},
-             {"instruction": "x", "num_inference_steps": 1, "height": 32, "width": 32}, 200),
-        ]:
-            r = client.post(path, files=files, data=data)
-            assert r.status_code == status, (path, r.text)
-            said += [json.dumps(dict(r.headers)), r.text if "json" in r.headers["content-type"] else ""]
-    assert _leaks(*said, everything_logged.text) == []

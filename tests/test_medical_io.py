@@ -227,6 +227,10 @@ def test_key_slices_spread_over_the_volume_and_decode_only_those(tmp_path):
     assert [s.frame for s in read_key_slices(path, 2, frames=[4, 5, 6, 7])] == [5, 7]
     already = read_slices(path)
     assert [s.frame for s in read_key_slices(already, 4)] == [1, 3, 6, 8]
+    # one frame of the object, as a surface that read one image holds it: the key frames of that object
+    from_frame = read_key_slices(read_image(path), 3)
+    assert [s.frame for s in from_frame] == [1, 5, 8] and from_frame[0].source == "emri_small.dcm"
+    assert read_key_slices(read_image(bundled("CT_small.dcm")), 3)[0].frame is None  # single-frame: itself
     png = tmp_path / "a.png"
     Image.new("L", (8, 8)).save(png)
     assert len(read_key_slices(png, 5)) == 1  # a 2-D image is its own series

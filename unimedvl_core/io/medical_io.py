@@ -147,9 +147,17 @@ def key_slice_indices(count: int, wanted: int) -> list[int]:
 def read_key_slices(source: Any, count: int, window: WindowArg = None, series_uid: str | None = None,
                     frames: list[int] | None = None) -> list[MedicalImage]:
     """``count`` slices spread evenly over a volume (a path, array, dataset), over ``frames`` of it, or over a
-    list of already read slices; a 2-D image gives itself. Only the chosen slices are decoded."""
+    list of already read slices; a frame of a multi-frame DICOM (a ``MedicalImage`` keeps its dataset) gives
+    frames of that object; any other 2-D image gives itself. Only the chosen slices are decoded."""
     if isinstance(source, (list, tuple)):
         return [source[i] for i in key_slice_indices(len(source), count)]
+    if isinstance(source, MedicalImage):
+        if source.dataset is None or int(source.dataset.get("NumberOfFrames", 1) or 1) < 2:
+            return [source]
+        slices = read_key_slices(source.dataset, count, window, series_uid, frames)
+        for image in slices:
+            image.source = source.source  # the file's name, not "DICOM dataset"
+        return slices
     if frames is None:
         total = read_slices(source, window=window, series_uid=series_uid, middle_only=True)[0].num_frames
         frames = list(range(total))

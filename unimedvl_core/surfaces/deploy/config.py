@@ -61,6 +61,12 @@ class TaskSpec:
         """Why this entry does not apply to ``image`` (a ``MedicalImage``), or ``None``."""
         return TASKS.get(self.task, warn=False).not_applicable(image, self.rules)
 
+    @property
+    def key_slices(self) -> int | None:
+        """How many key slices one report of the whole series reads (``series_report``), or None: per slice."""
+        params = TASKS.get(self.task, warn=False).resolve(self.runs()[0])
+        return params["key_slices"] if params.get("series_report") else None
+
     def runs(self) -> list[dict]:
         """The parameters of each run: one per value of the repeated parameter."""
         if self.repeat is None:

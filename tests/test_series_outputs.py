@@ -1,0 +1,119 @@
+"""Issue 15 point 7 on the bundle, the MAP, the batch actor and the server: a series report reads key slices
+of the series in one context and writes one report; per-slice image outputs of a NIfTI volume make one
+volume; every image file names the weights and carries the demonstration model's notice; the results JSON
+says the notice once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from PIL import Image
+
+from unimedvl_core.io.provenance import DEMO_NOTICE
+from unimedvl_core.surfaces.bundle import write_sample_inputs
+
+FAST = {"max_new_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from unimedvl_core.inference.embedded import load_default_model
+
+    model = load_default_model(progress=False)
+    model.progress = False
+    return model
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Path:
+    """The bundle's sample inputs: two PNGs, a three-slice NIfTI volume and a three-slice DICOM CT series."""
+    folder = tmp_path_factory.mktemp("samples")
+    write_sample_inputs(folder)
+    return folder
+
+
+def spy_reports(model, monkeypatch) -> list[int]:
+    """How many images each report call of ``model`` read (a list of slices counts its slices)."""
+    calls: list[int] = []
+    original = model.generate_report
+
+    def counting(image, *args, **kwargs):
+        calls.append(len(image) if isinstance(image, list) else 1)
+        return original(image, *args, **kwargs)
+
+    monkeypatch.setattr(model, "generate_report", counting)
+    return calls
+
+
+# ----- the MAP, run in-process: its operators without the Holoscan graph -----
+
+
+def _map_run(model, samples: Path, out: Path, tasks: list[dict], mode: str = "key") -> dict:
+    from monai.deploy.core import Fragment
+
+    from unimedvl_core.surfaces.deploy.config import DeployConfig, parse_task
+    from unimedvl_core.surfaces.deploy.operators import (SliceSelectionOperator, UniMedVLTaskOperator,
+                                                         UniMedVLWriterOperator)
+
+    fragment = Fragment()
+    datasets = [pydicom.dcmread(p) for p in sorted((samples / "dicom_ct_series").glob("*.dcm"))]
+    series = SliceSelectionOperator(fragment, mode=mode, name="select").series_slices(
+        str(datasets[0].SeriesInstanceUID), "CT", "Phantom CT", "test", datasets)
+    config = DeployConfig(tasks=[parse_task(t) for t in tasks])
+    results = UniMedVLTaskOperator(fragment, config=config, model=model, name="tasks").process([series])
+    UniMedVLWriterOperator(fragment, output_folder=out, model_getter=lambda: model, name="write").write(results, {})
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_map_series_report_reads_key_slices_and_writes_one_sr_referencing_them(embedded, samples, tmp_path,
+                                                                                 monkeypatch):
+    calls = spy_reports(embedded, monkeypatch)
+    summary = _map_run(embedded, samples, tmp_path / "out",
+                       [{"task": "report", "series_report": True, "key_slices": 2, **FAST}])
+    assert calls == [2]  # one report, from two key slices read together
+    entry = summary["series"][0]
+    assert entry["slices"] == [1]  # the per-slice selection (key: the middle slice) is unchanged
+    (report,) = entry["texts"]
+    assert report["slices"] == [0, 2] and report["slice"] is None
+    (sr_output,) = [o for o in entry["outputs"] if o["kind"] == "sr"]
+    sr = pydicom.dcmread(tmp_path / "out" / sr_output["file"])
+    referenced = {str(i.ReferencedSOPInstanceUID) for study in sr.CurrentRequestedProcedureEvidenceSequence
+                  for series in study.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
+    instances = [str(pydicom.dcmread(p).SOPInstanceUID)
+                 for p in sorted((samples / "dicom_ct_series").glob("*.dcm"))]
+    assert {instances[0], instances[2]} <= referenced  # the key slices, though only slice 1 was selected
+    assert len(list((tmp_path / "out" / "dicom").glob("sr_*.dcm"))) == 1
+
+
+def test_map_key_slices_span_the_series_or_the_asked_range(samples):
+    """Key slices spread over the whole series with ``slices: key`` (though one slice is selected), over
+    [start, stop) with a range; only the chosen instances are read, in patient order."""
+    from monai.deploy.core import Fragment
+
+    from unimedvl_core.surfaces.deploy.operators import SliceSelectionOperator
+
+    fragment = Fragment()
+    datasets = [pydicom.dcmread(p) for p in sorted((samples / "dicom_ct_series").glob("*.dcm"), reverse=True)]
+
+    def key(count: int, **selection) -> list[int]:
+        series = SliceSelectionOperator(fragment, name=f"select{len(selection)}", **selection).series_slices(
+            "1.2.3", "CT", "", "test", datasets)
+        return [s.frame for s in series.key_slices(count)]
+
+    assert key(2, mode="key") == [0, 2] and key(5, mode="key") == [0, 1, 2]
+    assert key(1, mode="range", start=1, stop=3) == [2] and key(5, mode="range", start=1, stop=3) == [1, 2]
+
+
+def test_map_images_and_summary_carry_the_demo_notice_once(embedded, samples, tmp_path):
+    summary = _map_run(embedded, samples, tmp_path / "out",
+                       [{"task": "super_resolution", "scale": 2, "num_inference_steps": 1}])
+    (image,) = [o for o in summary["series"][0]["outputs"] if o["kind"] == "image"]
+    ds = pydicom.dcmread(tmp_path / "out" / image["file"])
+    assert DEMO_NOTICE in ds.ImageComments and ds.SyntheticData == "YES"
+    png = Image.open(tmp_path / "out" / image["preview"])
+    assert png.text["UniMedVLNotice"] == DEMO_NOTICE and embedded.provenance.short in png.text["UniMedVLWeights"]
+    assert (tmp_path / "out" / "summary.json").read_text().count(DEMO_NOTICE) == 1
+    assert summary["model"]["notice"] == DEMO_NOTICE

@@ -55,8 +55,11 @@ def _map_run(model, samples: Path, out: Path, tasks: list[dict], mode: str = "ke
     from monai.deploy.core import Fragment
 
     from unimedvl_core.surfaces.deploy.config import DeployConfig, parse_task
-    from unimedvl_core.surfaces.deploy.operators import (SliceSelectionOperator, UniMedVLTaskOperator,
-                                                         UniMedVLWriterOperator)
+    from unimedvl_core.surfaces.deploy.operators import (
+        SliceSelectionOperator,
+        UniMedVLTaskOperator,
+        UniMedVLWriterOperator,
+    )
 
     fragment = Fragment()
     datasets = [pydicom.dcmread(p) for p in sorted((samples / "dicom_ct_series").glob("*.dcm"))]
@@ -117,3 +120,60 @@ def test_map_images_and_summary_carry_the_demo_notice_once(embedded, samples, tm
     assert png.text["UniMedVLNotice"] == DEMO_NOTICE and embedded.provenance.short in png.text["UniMedVLWeights"]
     assert (tmp_path / "out" / "summary.json").read_text().count(DEMO_NOTICE) == 1
     assert summary["model"]["notice"] == DEMO_NOTICE
+
+
+# ----- the MONAI bundle, in-process through its inference config -----
+
+BUNDLE = Path(__file__).resolve().parents[1] / "monai_bundle"
+
+
+def _bundle_run(dataset: Path, out: Path, task: str, params: dict, **extra) -> dict:
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer",
+                        bundle_root=str(BUNDLE), task=task, task_params=params, dataset_dir=str(dataset),
+                        output_dir=str(out), device="cpu", **extra)  # no download there: the embedded model
+    wf.initialize()
+    wf.run()
+    return json.loads((out / "results.json").read_text())
+
+
+def test_bundle_series_report_reads_key_slices_of_each_volume(samples, tmp_path, monkeypatch):
+    from unimedvl_core import UniMedVL
+
+    calls: list[int] = []
+    original = UniMedVL.generate_report
+
+    def counting(self, image, *args, **kwargs):
+        calls.append(len(image) if isinstance(image, list) else 1)
+        return original(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(UniMedVL, "generate_report", counting)
+    summary = _bundle_run(samples, tmp_path / "out", "report", {"series_report": True, "key_slices": 2, **FAST})
+    records = {Path(r["input"]).name: r for r in summary["results"]}
+    assert len(summary["results"]) == 4 and sorted(calls) == [1, 1, 2, 2]  # one report per input
+    for volume in ("dicom_ct_series", "mr_t2_phantom.nii.gz"):
+        assert records[volume]["slices"] == [0, 2] and records[volume]["status"] == "done"
+        assert records[volume]["parameters"]["series_report"] is True
+    assert records["ct_phantom.png"]["slices"] == [None]  # a 2-D image is its own one-image series
+    assert (tmp_path / "out" / "results.json").read_text().count(DEMO_NOTICE) == 1
+
+
+def test_bundle_per_slice_outputs_of_a_nifti_make_one_labelled_volume(samples, tmp_path):
+    import nibabel as nib
+
+    data = tmp_path / "in"
+    data.mkdir()
+    (data / "mr.nii.gz").write_bytes((samples / "mr_t2_phantom.nii.gz").read_bytes())
+    summary = _bundle_run(data, tmp_path / "out", "contrast_translation", {"num_inference_steps": 1},
+                          slices="all")
+    assert [r["slice"] for r in summary["results"]] == [0, 1, 2]
+    assert {r["volume"] for r in summary["results"]} == {str(tmp_path / "out" / "mr.nii.gz")}
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["mr.nii.gz"]
+    volume, source = nib.load(str(tmp_path / "out" / "mr.nii.gz")), nib.load(str(data / "mr.nii.gz"))
+    assert volume.shape == source.shape and volume.affine == pytest.approx(source.affine)
+    assert b"SYNTHETIC" in volume.header["descrip"].tobytes()
+    for record in summary["results"]:
+        png = Image.open(record["outputs"][0])
+        assert png.text["UniMedVLNotice"] == DEMO_NOTICE and png.text["SyntheticData"] == "YES"
+    assert (tmp_path / "out" / "results.json").read_text().count(DEMO_NOTICE) == 1

@@ -177,3 +177,52 @@ def test_bundle_per_slice_outputs_of_a_nifti_make_one_labelled_volume(samples, t
         png = Image.open(record["outputs"][0])
         assert png.text["UniMedVLNotice"] == DEMO_NOTICE and png.text["SyntheticData"] == "YES"
     assert (tmp_path / "out" / "results.json").read_text().count(DEMO_NOTICE) == 1
+
+
+# ----- the batch actor (without Ray) and the server's image responses -----
+
+
+def _ct_slice(samples: Path):
+    from unimedvl_core.io.medical_io import read_slices
+
+    return read_slices(samples / "dicom_ct_series", frames=[1])[0]
+
+
+def _assert_labelled(png: Image.Image, ds, model) -> None:
+    assert png.text["UniMedVLNotice"] == DEMO_NOTICE and png.text["UniMedVLWeights"] == model.provenance.short
+    assert DEMO_NOTICE in ds.ImageComments and ds.SyntheticData == "YES"
+
+
+def test_batch_actor_images_name_the_weights_and_the_demo_notice(samples, tmp_path):
+    from unimedvl_core.batch.actor import TaskActor
+    from unimedvl_core.batch.sources import Row
+
+    actor = TaskActor("super_resolution", None, {}, str(tmp_path / "out"))
+    row = Row("ct", 0, images=["slice.dcm"], fields={"scale": 2, "num_inference_steps": 1}, frame=1)
+    (record,) = actor.run_rows([row], [[_ct_slice(samples)]])
+    assert record["status"] == "ok" and sorted(record["outputs"]) == ["images/ct.dcm", "images/ct.png"]
+    _assert_labelled(Image.open(tmp_path / "out" / "images" / "ct.png"),
+                     pydicom.dcmread(tmp_path / "out" / "images" / "ct.dcm"), actor.model)
+
+
+@pytest.mark.parametrize("output", ["png", "dicom"])
+def test_server_image_responses_name_the_weights_and_the_demo_notice(embedded, samples, output):
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from unimedvl_core.surfaces.server.app import create_app
+
+    with TestClient(create_app(model=embedded)) as client:
+        upload = samples / "dicom_ct_series" / "slice_002.dcm"
+        response = client.post("/v1/image-to-image/super_resolution", data={"output": output, "scale": "2",
+                                                                            "num_inference_steps": "1"},
+                               files={"image": ("slice.dcm", upload.read_bytes(), "application/dicom")})
+    assert response.status_code == 200, response.text
+    assert response.headers["X-UniMedVL-Notice"] == DEMO_NOTICE
+    assert response.headers["X-UniMedVL-Weights"] == embedded.provenance.short
+    if output == "png":
+        assert Image.open(io.BytesIO(response.content)).text["UniMedVLNotice"] == DEMO_NOTICE
+    else:
+        ds = pydicom.dcmread(io.BytesIO(response.content))
+        assert DEMO_NOTICE in ds.ImageComments and embedded.provenance.short.split(" (")[0] in ds.ImageComments

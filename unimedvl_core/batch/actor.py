@@ -1,7 +1,8 @@
 """The model side of a batch job: ``TaskActor`` loads the checkpoint once and runs the registry's task on
 each batch of rows Ray Data gives it, through the batched task API where the task has one
 (``tasks/batching.py``), one row at a time otherwise. Generated images are written beside the records
-(labelled synthetic; DICOM when the input was DICOM); every row comes back as one record, ok or failed."""
+(labelled synthetic, naming the weights, with a demonstration model's notice; DICOM when the input was
+DICOM); every row comes back as one record, ok or failed."""
 
 from __future__ import annotations
 
@@ -116,7 +117,8 @@ class TaskActor:
         tmp.mkdir(parents=True)
         try:
             write_image_outputs(result.image, source, tmp / output_stem(row.id), result.task,
-                                result.image.info.get("Description", ""), series, (row.frame or 0) + 1)
+                                result.image.info.get("Description", ""), series, (row.frame or 0) + 1,
+                                provenance=self.model.provenance)  # the weights and any demo notice
             if result.text is not None:  # an explanation beside the image
                 (tmp / f"{output_stem(row.id)}.txt").write_text(result.text + "\n")
             final = []

@@ -291,16 +291,14 @@ class TaskRunner:
         self.network, self.dataset, self.inferer = network, dataset, inferer
         self.output_dir, self.progress, self.notice = Path(output_dir), progress, notice
 
-    def _stem(self, name: str, slice_: int | None, n: int) -> str:
-        stem = name if slice_ is None else f"{name}_slice{slice_:04d}"
-        return stem + (f"_{n:02d}" if len(self.inferer.values()) > 1 else "")
-
     def _write(self, result, record: dict, name: str, series_uid: str, n: int, nifti: bool) -> list[str]:
+        stem = name if record["slice"] is None else f"{name}_slice{record['slice']:04d}"
+        stem += f"_{n:02d}" if len(self.inferer.values()) > 1 else ""
         before = set(self.output_dir.iterdir())
         try:
-            paths = write_image_outputs(result.image, record["source"], self.output_dir / self._stem(
-                name, record["slice"], n), result.task, result.image.info.get("Description", ""), series_uid,
-                instance=n + 1, provenance=self.network.provenance, nifti=nifti)
+            paths = write_image_outputs(result.image, record["source"], self.output_dir / stem, result.task,
+                                        result.image.info.get("Description", ""), series_uid, instance=n + 1,
+                                        provenance=self.network.provenance, nifti=nifti)
         except BaseException:
             for path in set(self.output_dir.iterdir()) - before:  # no half-written outputs
                 path.unlink(missing_ok=True)

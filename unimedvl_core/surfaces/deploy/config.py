@@ -6,7 +6,7 @@ the task registry (``unimedvl tasks`` lists every task, parameter, default and l
     window: null                             # [centre, width] or a preset name; null = the file's own
     tasks:                                   # each: a registry task name and any of its parameters
       - {task: vqa, questions: ["Is there a pleural effusion?"]}     # list form: once per question
-      - {task: report}
+      - {task: report}                     # series_report: true: one report from key slices of the series
       - {task: super_resolution, scale: 2, applies_to: {modalities: [CT, MR], max_side: 512}}
       - {task: contrast_translation, source: T2, target: FLAIR}
       - {task: counterfactual, instruction: "Remove the effusion."}

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..batch.settings import BatchSettings, RayUnavailableError
 from ..tasks.catalog import TASKS
 from ..tasks.params import Param
-from .cli_tasks import HelpFormatter, _window, add_model_args
+from .cli_tasks import HelpFormatter, add_model_args, parse_window
 
 __all__ = ["add_batch_command", "run_batch_command"]
 
@@ -54,7 +54,8 @@ def add_batch_command(sub) -> None:
                    "(default: the manifest's folder, then its images/)")
     p.add_argument("--slices", default="middle", choices=["middle", "all"],
                    help="folders: one row per series/volume (its middle slice) or one per slice")
-    p.add_argument("--window", default=None, help="CENTRE,WIDTH or a preset (soft_tissue, lung, bone, brain...)")
+    p.add_argument("--window", type=parse_window, default=None, metavar="C,W|PRESET",
+                   help="CENTRE,WIDTH or a preset (soft_tissue, lung, bone, brain...)")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"], help="record shards: JSONL or Parquet")
     p.add_argument("--address", default=None, help="'auto' or ray://HOST:10001 to join a cluster (default: local)")
     p.add_argument("--num-actors", type=int, default=None, help="model replicas (default: one per GPU, else "
@@ -83,7 +84,7 @@ def run_batch_command(args) -> int:
     try:
         summary = run_batch(args.task, args.input, args.output, params, ckpt=args.ckpt,
                             load_options=_load_options(args), data_dir=args.data_dir, slices=args.slices,
-                            window=_window(args.window), settings=settings)
+                            window=args.window, settings=settings)
     except RayUnavailableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -193,10 +193,12 @@ def _assert_labelled(png: Image.Image, ds, model) -> None:
     assert DEMO_NOTICE in ds.ImageComments and ds.SyntheticData == "YES"
 
 
-def test_batch_actor_images_name_the_weights_and_the_demo_notice(samples, tmp_path):
+def test_batch_actor_images_name_the_weights_and_the_demo_notice(embedded, samples, tmp_path, monkeypatch):
     from unimedvl_core.batch.actor import TaskActor
     from unimedvl_core.batch.sources import Row
+    from unimedvl_core.inference import embedded as loading
 
+    monkeypatch.setattr(loading, "load_model", lambda ckpt, **kwargs: embedded)  # the module's model, loaded once
     actor = TaskActor("super_resolution", None, {}, str(tmp_path / "out"))
     row = Row("ct", 0, images=["slice.dcm"], fields={"scale": 2, "num_inference_steps": 1}, frame=1)
     (record,) = actor.run_rows([row], [[_ct_slice(samples)]])

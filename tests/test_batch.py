@@ -25,7 +25,6 @@ from unimedvl_core.batch import BatchSettings, run_batch
 from unimedvl_core.batch.records import OutputBusyError, RecordStore
 from unimedvl_core.batch.settings import RayUnavailableError, import_ray
 from unimedvl_core.data.phantoms import write_dataset
-from unimedvl_core.inference.embedded import load_default_model
 from unimedvl_core.io.medical_io import read_image
 from unimedvl_core.tasks.catalog import TASKS
 
@@ -42,10 +41,8 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = load_default_model(progress=False)
-    m.progress = False
-    return m
+def model(embedded_model):
+    return embedded_model
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,8 @@ FAST = {"max_new_tokens": 4}
 
 
 @pytest.fixture(scope="module")
-def embedded():
-    from unimedvl_core.inference.embedded import load_default_model
-
-    model = load_default_model(progress=False)
-    model.progress = False
-    return model
+def embedded(embedded_model):
+    return embedded_model
 
 
 @pytest.fixture(scope="module")

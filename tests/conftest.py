@@ -61,6 +61,16 @@ def tiny_model():
     return model
 
 
+@pytest.fixture(scope="session")
+def embedded_model():
+    """The embedded phantom-trained default model (the demo's), loaded once."""
+    from unimedvl_core.inference.embedded import load_default_model
+
+    model = load_default_model(progress=False)
+    model.progress = False
+    return model
+
+
 @pytest.fixture
 def parity_copy(tmp_path) -> Path:
     """A writable copy of the parity checkpoint for tests that alter files."""

@@ -3,6 +3,8 @@ colour models, multi-frame, series, NIfTI, and clear errors."""
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -211,3 +213,70 @@ def test_repr_never_shows_patient_attributes():
     image = read_image(ds)
     shown = repr(image) + str(image)
     assert "SECRET" not in shown and "MRN-4242" not in shown and "CT" in shown
+
+
+def test_key_slices_spread_over_the_volume_and_decode_only_those(tmp_path):
+    from unimedvl_core.io.medical_io import key_slice_indices, read_key_slices
+
+    assert key_slice_indices(10, 3) == [1, 5, 8] and key_slice_indices(4, 9) == [0, 1, 2, 3]
+    assert key_slice_indices(100, 1) == [50]
+    path = bundled("emri_small.dcm")  # 10 frames
+    picked = read_key_slices(path, 3)
+    assert [s.frame for s in picked] == [1, 5, 8]
+    assert np.array_equal(picked[1].pixels, read_image(path, frame=5).pixels)
+    assert [s.frame for s in read_key_slices(path, 2, frames=[4, 5, 6, 7])] == [5, 7]
+    already = read_slices(path)
+    assert [s.frame for s in read_key_slices(already, 4)] == [1, 3, 6, 8]
+    # one frame of the object, as a surface that read one image holds it: the key frames of that object
+    from_frame = read_key_slices(read_image(path), 3)
+    assert [s.frame for s in from_frame] == [1, 5, 8] and from_frame[0].source == "emri_small.dcm"
+    assert read_key_slices(read_image(bundled("CT_small.dcm")), 3)[0].frame is None  # single-frame: itself
+    png = tmp_path / "a.png"
+    Image.new("L", (8, 8)).save(png)
+    assert len(read_key_slices(png, 5)) == 1  # a 2-D image is its own series
+
+
+def test_an_interrupted_write_leaves_no_file_and_a_finished_one_replaces_whole(tmp_path):
+    from unimedvl_core.io.atomic import atomic_path
+    from unimedvl_core.io.synthetic import save_png
+
+    target = tmp_path / "out.png"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as temporary:
+            temporary.write_bytes(b"half a file")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"old")
+    save_png(Image.new("RGB", (4, 4)), target)
+    assert Image.open(target).size == (4, 4) and [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_outputs_of_several_nifti_slices_form_one_volume_in_the_source_space(tmp_path):
+    from unimedvl_core.io.outputs import write_nifti_volume
+    from unimedvl_core.io.provenance import Provenance
+
+    affine = np.array([[-0.8, 0, 0, 90], [0, 0.9, 0, -120], [0, 0, 2.5, -40], [0, 0, 0, 1]])
+    data = np.random.default_rng(0).random((20, 16, 7)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "t2.nii.gz")
+    sources = read_slices(tmp_path / "t2.nii.gz", frames=[2, 3, 4])
+    # outputs at twice the size (as super-resolution makes them), each the source slice upscaled
+    outputs = [s.to_pil().resize((s.size[0] * 2, s.size[1] * 2), Image.Resampling.NEAREST) for s in sources]
+    provenance = Provenance("demo weights", demo=True)
+    path = write_nifti_volume(outputs, sources, tmp_path / "out.nii.gz", provenance)
+    out = nib.as_closest_canonical(nib.load(path))
+    assert out.shape == (40, 32, 3)
+    src = nib.as_closest_canonical(nib.load(tmp_path / "t2.nii.gz"))
+    # the physical extent of each slice and the slice positions are the source's
+    corner = src.affine @ [-0.5, -0.5, 2, 1]
+    assert np.allclose(out.affine @ [-0.5, -0.5, 0, 1], corner)
+    assert np.allclose(out.affine @ [39.5, 31.5, 2, 1], src.affine @ [19.5, 15.5, 4, 1])
+    # voxel (i, j) of output slice k shows source voxel (i//2, j//2) of slice 2 + k
+    expected = read_slices(tmp_path / "t2.nii.gz", frames=[3])[0].pixels[..., 0][::-1, ::-1].T
+    assert np.array_equal(np.asarray(out.dataobj)[::2, ::2, 1], expected)
+    header = nib.load(path).header
+    assert header["descrip"].tobytes().startswith(b"SYNTHETIC") and header["intent_name"].tobytes().startswith(
+        b"synthetic")
+    extension = json.loads(header.extensions[0].get_content())
+    assert extension["synthetic"] is True and extension["weights"]["notice"] == provenance.notice
+    # slices that do not form an even grid are not a volume
+    assert write_nifti_volume(outputs[:2], [sources[0], sources[2]][::-1], tmp_path / "x.nii.gz") is None

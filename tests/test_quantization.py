@@ -173,3 +173,10 @@ def test_every_surface_takes_the_quantization_choice(tmp_path, capsys):
     task_file.write_text("tasks: [{task: report}]\nquantization: int4\n")
     with pytest.raises(ValueError, match="quantization must be null, int8, nf4 or fp8"):
         load_deploy_config(task_file)
+
+
+def test_batch_actors_reload_the_same_mode():
+    from unimedvl_core.batch.model_spec import load_spec
+
+    ckpt, options = load_spec(load_default_model(progress=False, quantization="int8", residency="task"))
+    assert ckpt is None and options["quantization"] == "int8" and options["residency"] == "task"

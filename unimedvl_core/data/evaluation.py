@@ -37,7 +37,7 @@ from ..inference.prompts import multiple_choice_prompt
 __all__ = ["VQAItem", "normalize_answer", "closed_correct", "open_recall", "choice_correct", "extract_choice",
            "score_vqa", "psnr_ssim", "fid_score", "text_metrics", "VQA_READERS", "read_vqa", "read_editing_pairs",
            "read_report_items", "evaluate_vqa", "evaluate_editing", "evaluate_reports", "evaluate_text_to_image",
-           "write_results", "FeatureExtractor"]
+           "write_results", "FeatureExtractor", "answer_items", "BATCH_THRESHOLD"]
 
 YES_NO = ("yes", "no")
 
@@ -271,14 +271,58 @@ def _open_image(image) -> Image.Image:
     return read_image(image).to_pil()
 
 
+# Datasets with more items than this run on Ray Data (docs/batch.md) when Ray is installed; smaller ones,
+# or any without Ray, run one item at a time in this process.
+BATCH_THRESHOLD = 300
+
+
+def _answers_one_by_one(model, images: Sequence, questions: Sequence[str], max_new_tokens: int, desc: str,
+                        progress: bool) -> list[str]:
+    return [model.answer(_open_image(image), question, max_new_tokens=max_new_tokens)
+            for image, question in tqdm(list(zip(images, questions)), desc=desc, disable=not progress)]
+
+
+def _answers_on_ray(model, images: Sequence, questions: Sequence[str], max_new_tokens: int,
+                    progress: bool) -> list[str]:
+    """The VQA task over every item on Ray Data, each actor loading the same weights as ``model``; an item
+    that fails (an unreadable image) gets an empty prediction and a warning."""
+    import logging
+    import tempfile
+
+    from ..batch import BatchSettings, rows_from_items, run_batch
+    from ..batch.model_spec import load_spec
+    from ..batch.records import RecordStore
+    from ..tasks.catalog import TASKS
+
+    ckpt, options = load_spec(model)
+    items = [{"image": image, "question": question} for image, question in zip(images, questions)]
+    with tempfile.TemporaryDirectory(prefix="unimedvl-eval-") as out:
+        summary = run_batch("vqa", rows_from_items(items, TASKS.get("vqa")), out, {"max_new_tokens": max_new_tokens},
+                            ckpt=ckpt, load_options=options, settings=BatchSettings(progress=progress))
+        latest = RecordStore(out).load()
+    if summary["failed"]:
+        logging.getLogger(__name__).warning("%d of %d items failed: %s", summary["failed"], len(items),
+                                            summary["failures"][0]["error"])
+    return [latest[str(i)]["text"] or "" if str(i) in latest else "" for i in range(len(items))]
+
+
+def answer_items(model, images: Sequence, questions: Sequence[str], max_new_tokens: int, desc: str = "VQA",
+                 progress: bool = True) -> list[str]:
+    """Greedy answers to (image, question) pairs: on Ray Data above ``BATCH_THRESHOLD`` items when Ray is
+    installed (the same answers: docs/batch.md), else one by one."""
+    from ..batch import ray_available
+
+    if len(questions) > BATCH_THRESHOLD and ray_available():
+        return _answers_on_ray(model, images, questions, max_new_tokens, progress)
+    return _answers_one_by_one(model, images, questions, max_new_tokens, desc, progress)
+
+
 def evaluate_vqa(model, items: Sequence[VQAItem], max_new_tokens: int = 64,
                  progress: bool = True) -> tuple[list, dict]:
-    records = []
-    for item in tqdm(items, desc="VQA", disable=not progress):
-        question = multiple_choice_prompt(item.question, item.options) if item.kind == "choice" else item.question
-        prediction = model.answer(_open_image(item.image), question, max_new_tokens=max_new_tokens)
-        records.append({"question": item.question, "answer": item.answer, "prediction": prediction,
-                        "kind": item.kind, "options": item.options, "source": item.source})
+    questions = [multiple_choice_prompt(i.question, i.options) if i.kind == "choice" else i.question for i in items]
+    predictions = answer_items(model, [i.image for i in items], questions, max_new_tokens, "VQA", progress)
+    records = [{"question": item.question, "answer": item.answer, "prediction": prediction, "kind": item.kind,
+                "options": item.options, "source": item.source} for item, prediction in zip(items, predictions)]
     return records, score_vqa(records)
 
 
@@ -311,10 +355,10 @@ def evaluate_editing(model, pairs: Sequence[dict], steps: int | None = None, see
 
 def evaluate_reports(model, items: Sequence[VQAItem], max_new_tokens: int = 160,
                      progress: bool = True) -> tuple[list, dict]:
-    records = []
-    for item in tqdm(items, desc="reports", disable=not progress):
-        prediction = model.answer(_open_image(item.image), item.question, max_new_tokens=max_new_tokens)
-        records.append({"prompt": item.question, "reference": item.answer, "prediction": prediction})
+    predictions = answer_items(model, [i.image for i in items], [i.question for i in items], max_new_tokens,
+                               "reports", progress)
+    records = [{"prompt": item.question, "reference": item.answer, "prediction": prediction}
+               for item, prediction in zip(items, predictions)]
     return records, text_metrics([r["prediction"] for r in records], [r["reference"] for r in records])
 
 

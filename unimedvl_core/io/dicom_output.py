@@ -25,9 +25,11 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from .. import __version__
+from .atomic import atomic_path
 from .medical_io import MedicalImage
 from .provenance import Provenance
 from .synthetic import DICOM_MANUFACTURER, DICOM_SR_DESCRIPTION
+from .withheld import withhold_dicom_values
 
 __all__ = ["derived_image", "derived_secondary_capture", "derived_image_like_source", "report_sr",
            "patient_orientation_of", "write_dicom", "contributing_equipment", "copy_patient_study",
@@ -62,6 +64,7 @@ _DEFAULT_REPERTOIRE = ("", "ISO_IR 6", "ISO 2022 IR 6")
 def copy_patient_study(target: Dataset, ref: Dataset) -> None:
     """Copy the source's patient and study attributes unchanged (decoded values, re-encoded on writing in
     the same character set, see ``set_output_charset``); those the source lacks keep the target's values."""
+    withhold_dicom_values()  # decoding a non-conformant value makes pydicom quote it in a warning
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in ref:
             element = copy.deepcopy(ref.data_element(keyword))
@@ -190,7 +193,8 @@ def _label(ds: Dataset, task: str, description: str, series_description: str | N
     ds.BurnedInAnnotation = "NO"
     ds.DerivationDescription = f"AI-generated ({ALGORITHM_NAME} {task}): {description}"[:1024]
     ds.SeriesDescription = (series_description or f"AI-generated {task} (synthetic)")[:64]
-    ds.ImageComments = SYNTHETIC_COMMENT + (f" Weights: {short}." if short else "")
+    notice = getattr(provenance, "notice", None)  # a demonstration model says so
+    ds.ImageComments = SYNTHETIC_COMMENT + (f" Weights: {short}." if short else "") + (f" {notice}" if notice else "")
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = ALGORITHM_NAME
     ds.SoftwareVersions = [__version__, short[:64]] if short else __version__
@@ -448,7 +452,8 @@ def report_sr(evidence: Sequence[Dataset], findings: Sequence[str], report: str 
 
 
 def write_dicom(ds: Dataset, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
+    """Save ``ds`` as a DICOM file (with file meta), whole or not at all."""
+    withhold_dicom_values()
+    with atomic_path(path) as temporary:
+        ds.save_as(str(temporary), enforce_file_format=True)
+    return Path(path)

@@ -4,7 +4,8 @@ Everything becomes a display-ready 8-bit RGB image the model can read, without t
 16-bit data: DICOM pixels go through the Modality LUT (rescale slope/intercept), then the VOI transform
 (a window given by the caller, the file's VOI LUT or window, a modality preset, or else the full data
 range), MONOCHROME1 is inverted, colour data (RGB, YBR, palette) is converted to RGB by pydicom.
-Errors name the file and the problem; file paths are the only identifiers ever logged (never patient data).
+Errors name the file and the problem; file paths are the only identifiers ever logged (never patient data;
+pydicom's messages that would quote a header value are redacted, ``withheld.py``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..modeling.preprocessing import MAX_INPUT_PIXELS, to_rgb
+from .withheld import withhold_dicom_values
 
 __all__ = ["MedicalImage", "ImageReadError", "read_image", "read_slices", "WINDOW_PRESETS", "MODALITY_WINDOWS",
-           "MAX_DECLARED_BYTES", "to_uint8_range", "is_dicom_file", "dicom_image_headers"]
+           "MAX_DECLARED_BYTES", "to_uint8_range", "is_dicom_file", "dicom_image_headers", "read_key_slices",
+           "key_slice_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ def read_image(source: Any, frame: int | None = None, window: WindowArg = None,
 def read_slices(source: Any, frames: list[int] | None = None, window: WindowArg = None,
                 series_uid: str | None = None, middle_only: bool = False) -> list[MedicalImage]:
     """Every slice or frame of a source (or those listed in ``frames``), for per-slice processing."""
+    withhold_dicom_values()  # pydicom's value warnings would quote patient attributes
     if isinstance(source, MedicalImage):
         return [source]
     if isinstance(source, Image.Image):
@@ -130,6 +134,37 @@ def read_slices(source: Any, frames: list[int] | None = None, window: WindowArg 
         except (UnidentifiedImageError, OSError) as err:
             raise ImageReadError(f"{path}: not a readable image ({err})") from None
     raise ImageReadError(f"unsupported image input of type {type(source).__name__}")
+
+
+def key_slice_indices(count: int, wanted: int) -> list[int]:
+    """``wanted`` slice indices spread evenly over ``count`` slices: the centres of equal sections, so the
+    first and last slices (often outside the anatomy) are not taken unless every slice is."""
+    if wanted >= count:
+        return list(range(count))
+    return sorted({int((i + 0.5) * count / wanted) for i in range(wanted)})
+
+
+def read_key_slices(source: Any, count: int, window: WindowArg = None, series_uid: str | None = None,
+                    frames: list[int] | None = None) -> list[MedicalImage]:
+    """``count`` slices spread evenly over a volume (a path, array, dataset), over ``frames`` of it, or over a
+    list of already read slices; a frame of a multi-frame DICOM (a ``MedicalImage`` keeps its dataset) gives
+    frames of that object; any other 2-D image gives itself. Only the chosen slices are decoded."""
+    if isinstance(source, (list, tuple)):
+        return [source[i] for i in key_slice_indices(len(source), count)]
+    if isinstance(source, MedicalImage):
+        if source.dataset is None or int(source.dataset.get("NumberOfFrames", 1) or 1) < 2:
+            return [source]
+        slices = read_key_slices(source.dataset, count, window, series_uid, frames)
+        for image in slices:
+            image.source = source.source  # the file's name, not "DICOM dataset"
+        return slices
+    if frames is None:
+        total = read_slices(source, window=window, series_uid=series_uid, middle_only=True)[0].num_frames
+        frames = list(range(total))
+    if not frames:
+        raise ImageReadError("no slices selected")
+    picked = [frames[i] for i in key_slice_indices(len(frames), count)]
+    return read_slices(source, frames=picked, window=window, series_uid=series_uid)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from .. import __version__
+from .atomic import atomic_path
 
-__all__ = ["SYNTHETIC_NOTICE", "SOFTWARE", "WEIGHTS_KEY", "DICOM_MANUFACTURER", "DICOM_SR_DESCRIPTION",
+__all__ = ["SYNTHETIC_NOTICE", "SOFTWARE", "WEIGHTS_KEY", "NOTICE_KEY", "DICOM_MANUFACTURER", "DICOM_SR_DESCRIPTION",
            "NIFTI_DESCRIP_PREFIX", "label_synthetic", "is_labelled_synthetic", "save_png", "is_own_output"]
 
 SYNTHETIC_NOTICE = "AI-generated synthetic image (UniMedVL). Not acquired from a patient; not for diagnosis."
@@ -21,6 +22,7 @@ NIFTI_DESCRIP_PREFIX = b"SYNTHETIC"
 
 
 WEIGHTS_KEY = "UniMedVLWeights"
+NOTICE_KEY = "UniMedVLNotice"  # a demonstration model's notice (Provenance.notice), when it made the image
 
 
 def label_synthetic(image: Image.Image, task: str, description: str = "", weights: str | None = None) -> Image.Image:
@@ -44,14 +46,15 @@ def is_labelled_synthetic(image: Image.Image) -> bool:
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Save as PNG keeping every text entry of ``image.info`` (the synthetic labels among them)."""
+    """Save as PNG keeping every text entry of ``image.info`` (the synthetic labels among them); written
+    whole or not at all."""
     path = Path(path)
     meta = PngImagePlugin.PngInfo()
     for key, value in image.info.items():
         if isinstance(value, str):
             meta.add_text(key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=meta)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG", pnginfo=meta)
     return path
 
 

@@ -18,14 +18,22 @@ from pydicom.uid import generate_uid
 from tqdm.auto import tqdm
 
 from ..inference.embedded import load_model
-from ..io.medical_io import ImageReadError, dicom_image_headers, is_dicom_file, read_slices
-from ..io.outputs import write_image_outputs
+from ..io.medical_io import (
+    ImageReadError,
+    MedicalImage,
+    dicom_image_headers,
+    is_dicom_file,
+    read_key_slices,
+    read_slices,
+)
+from ..io.outputs import write_image_outputs, write_nifti_slice, write_nifti_volume
 from ..io.paths import check_output_location
 from ..io.synthetic import is_own_output
 from ..tasks.catalog import TASKS
 from ..tasks.registry import Applicability, RunOptions
 
 __all__ = ["Checkpoint", "resolve_checkpoint", "brief_errors", "load_network", "list_inputs", "task_items",
+           "series_key_slices",
            "LoadMedicalSlices", "LoadMedicalSlicesd", "TaskInferer", "TaskRunner", "CurriculumData",
            "CurriculumTrainer", "EvaluationRunner", "read_lines"]
 
@@ -156,32 +164,47 @@ def list_inputs(dataset_dir: str | Path, include_synthetic: bool = False) -> lis
     return items
 
 
+def series_key_slices(task: str, params: dict | None = None) -> int | None:
+    """How many key slices one report of a whole series reads when the task's parameters ask for a series
+    report (the registry's ``series_report`` and ``key_slices``), else None (the task runs per slice)."""
+    spec = TASKS.get(task, warn=False)
+    if not spec.needs_image or not any(p.name == "series_report" for p in spec.params):
+        return None
+    resolved = spec.resolve({k: v for k, v in (params or {}).items() if k in ("series_report", "key_slices")})
+    return resolved["key_slices"] if resolved["series_report"] else None
+
+
 class LoadMedicalSlices(Transform):
     """Path / image -> list of display-ready ``MedicalImage`` slices (``unimedvl_core.io.medical_io``).
 
     Args:
         slices: "middle" (default), "all", an index, or [start, stop).
         window: (centre, width) or a preset name; None uses the file's own or the modality's.
+        key_slices: for a series report: one entry, the list of that many key slices spread over the volume
+            (over the slices of an index or range), chosen as the command line chooses them.
     """
 
-    def __init__(self, slices: str | int | Sequence[int] = "middle", window: Any = None):
-        self.slices, self.window = slices, window
+    def __init__(self, slices: str | int | Sequence[int] = "middle", window: Any = None,
+                 key_slices: int | None = None):
+        self.slices, self.window, self.key_slices = slices, window, key_slices
 
     def __call__(self, source, series_uid: str | None = None):
-        if self.slices == "middle":
-            return read_slices(source, window=self.window, series_uid=series_uid, middle_only=True)
-        if self.slices == "all":
-            return read_slices(source, window=self.window, series_uid=series_uid)
-        frames = [int(self.slices)] if isinstance(self.slices, (int, str)) else list(range(*self.slices))
-        return read_slices(source, frames=frames, window=self.window, series_uid=series_uid)
+        frames = None
+        if self.slices not in ("middle", "all"):
+            frames = [int(self.slices)] if isinstance(self.slices, (int, str)) else list(range(*self.slices))
+        if self.key_slices is not None:
+            return [read_key_slices(source, self.key_slices, self.window, series_uid, frames=frames)]
+        return read_slices(source, frames=frames, window=self.window, series_uid=series_uid,
+                           middle_only=self.slices == "middle")
 
 
 class LoadMedicalSlicesd(MapTransform):
     """Dictionary version: reads ``d[key]`` (with ``d["series_uid"]`` when given) into ``d["slices"]``."""
 
-    def __init__(self, keys="image", slices="middle", window=None, allow_missing_keys: bool = True):
+    def __init__(self, keys="image", slices="middle", window=None, allow_missing_keys: bool = True,
+                 key_slices: int | None = None):
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadMedicalSlices(slices, window)
+        self.loader = LoadMedicalSlices(slices, window, key_slices)
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
@@ -229,7 +252,8 @@ class TaskInferer:
 
     def outcome(self, network, src, params: dict) -> dict:
         """One run: ``{"status": "done" | "not applicable" | "failed", "reason", "result"}``."""
-        reason = self.spec.not_applicable(src, self.rules) if src is not None else None
+        first = src[0] if isinstance(src, list) else src  # a series report's key slices: the series' rules
+        reason = self.spec.not_applicable(first, self.rules) if src is not None else None
         if reason is not None:
             return {"status": "not applicable", "reason": reason, "result": None}
         try:
@@ -248,7 +272,8 @@ class TaskInferer:
         for k, src in sources:
             for value in values:
                 params = self.spec.item_params({**self.params, **value}, k)
-                out.append({"slice": getattr(src, "frame", None), "source": src, "params": params,
+                where = {"slices": [s.frame for s in src]} if isinstance(src, list) else {}
+                out.append({"slice": getattr(src, "frame", None), **where, "source": src, "params": params,
                             **self.outcome(network, src, params)})
         return out
 
@@ -256,41 +281,80 @@ class TaskInferer:
 class TaskRunner:
     """The bundle's evaluator: every item of the dataset through the inferer; one record per run in
     ``results.json`` (status and reason, task parameters, text), images as labelled PNG plus DICOM (DICOM
-    inputs) or NIfTI (NIfTI inputs) in ``output_dir``. An input that cannot be read, a run that fails and an
-    output that cannot be written are recorded (one line each) and the others go on; a failed write leaves no
-    file behind, and ``results.json`` is written even when the run is interrupted, so that every file in
-    ``output_dir`` is listed in it. ``notice`` (the checkpoint choice, see ``resolve_checkpoint``) is recorded."""
+    inputs) or NIfTI (NIfTI inputs; the outputs of several slices of one volume as ONE NIfTI volume in its
+    space, recorded as each slice's ``volume``) in ``output_dir``, each naming the weights (and a
+    demonstration model's notice). An input that cannot be read, a run that fails and an output that cannot
+    be written are recorded (one line each) and the others go on; a failed write leaves no file behind, and
+    ``results.json`` is written even when the run is interrupted, so that every file in ``output_dir`` is
+    listed in it. ``notice`` (the checkpoint choice, see ``resolve_checkpoint``) is recorded."""
 
     def __init__(self, network, dataset, inferer: TaskInferer, output_dir: str, progress: bool = True,
                  notice: str | None = None):
         self.network, self.dataset, self.inferer = network, dataset, inferer
         self.output_dir, self.progress, self.notice = Path(output_dir), progress, notice
 
-    def _write(self, result, record: dict, name: str, series_uid: str, n: int) -> list[str]:
+    def _write(self, result, record: dict, name: str, series_uid: str, n: int, nifti: bool) -> list[str]:
         stem = name if record["slice"] is None else f"{name}_slice{record['slice']:04d}"
         stem += f"_{n:02d}" if len(self.inferer.values()) > 1 else ""
         before = set(self.output_dir.iterdir())
         try:
             paths = write_image_outputs(result.image, record["source"], self.output_dir / stem, result.task,
-                                        result.image.info.get("Description", ""), series_uid, instance=n + 1)
+                                        result.image.info.get("Description", ""), series_uid, instance=n + 1,
+                                        provenance=self.network.provenance, nifti=nifti)
         except BaseException:
             for path in set(self.output_dir.iterdir()) - before:  # no half-written outputs
                 path.unlink(missing_ok=True)
             raise
         return [str(p) for p in paths]
 
-    def _entry(self, item: dict, record: dict, name: str, series_uid: str, n: int) -> dict:
+    def _entry(self, item: dict, record: dict, name: str, series_uid: str, n: int, nifti: bool = True) -> dict:
         result = record["result"]
         entry = {"input": item.get("image") or item.get("prompt"), "task": self.inferer.task,
-                 "slice": record["slice"], "status": record["status"], "reason": record["reason"],
+                 "slice": record["slice"], **({"slices": record["slices"]} if "slices" in record else {}),
+                 "status": record["status"], "reason": record["reason"],
                  "parameters": result.params if result else record["params"], "text": result.text if result else None}
         if result is not None and result.image is not None:
             try:
-                entry["outputs"], entry["synthetic"] = self._write(result, record, name, series_uid, n), True
+                entry["outputs"], entry["synthetic"] = self._write(result, record, name, series_uid, n, nifti), True
             except Exception as err:  # e.g. a full disk or a source the writer cannot place: recorded
                 log.warning("could not write the output of %s: %s", entry["input"], err)
                 entry["status"], entry["reason"] = "failed", _one_line(err)
         return entry
+
+    def _write_volume(self, name: str, value: int, parts: list[tuple]) -> None:
+        """The images of several slices of one NIfTI volume (one value of a list parameter) as one NIfTI
+        volume, or one NIfTI per slice when they cannot form one (uneven slices or sizes); a volume that
+        cannot be written marks its slices' entries failed."""
+        images, sources, entries = zip(*parts)
+        stem = name + (f"_{value:02d}" if len(self.inferer.values()) > 1 else "")
+        provenance = self.network.provenance
+        try:
+            path = write_nifti_volume(images, sources, self.output_dir / f"{stem}.nii.gz", provenance)
+            for image, src, entry in parts:
+                if path is not None:
+                    entry["volume"] = str(path)
+                else:
+                    png = entry["outputs"][0]
+                    entry["outputs"].append(str(write_nifti_slice(image, src, Path(png[: -len(".png")] + ".nii.gz"),
+                                                                  provenance)))
+        except Exception as err:  # the atomic writers leave no partial file
+            log.warning("could not write the NIfTI volume of %s: %s", entries[0]["input"], err)
+            for entry in entries:
+                entry["status"], entry["reason"] = "failed", f"NIfTI volume not written: {_one_line(err)}"
+
+    def _run_item(self, item: dict, index: int, results: list[dict]) -> None:
+        """The runs of one input; the image outputs of several NIfTI slices are gathered into volumes."""
+        series_uid, name = generate_uid(), item.get("name") or f"prompt_{index:04d}"
+        several, volumes = len(item.get("slices", [])) > 1, {}
+        for n, record in enumerate(self.inferer(self.network, item)):
+            src = record["source"]
+            in_volume = several and isinstance(src, MedicalImage) and "affine" in src.geometry
+            entry = self._entry(item, record, name, series_uid, n, nifti=not in_volume)
+            results.append(entry)
+            if in_volume and entry.get("outputs"):
+                volumes.setdefault(n % len(self.inferer.values()), []).append((record["result"].image, src, entry))
+        for value, parts in volumes.items():
+            self._write_volume(name, value, parts)
 
     def _item(self, index: int) -> dict:
         """Item ``index`` read through the transforms; an input that cannot be read becomes an error item."""
@@ -317,9 +381,7 @@ class TaskRunner:
                     errors.append({"input": item.get("image"), "error": item["error"]})
                     log.warning("skipped input: %s", item["error"])
                     continue
-                series_uid, name = generate_uid(), item.get("name") or f"prompt_{index:04d}"
-                for n, record in enumerate(self.inferer(self.network, item)):
-                    results.append(self._entry(item, record, name, series_uid, n))
+                self._run_item(item, index, results)
             interrupted = False
         finally:
             summary = self._summary(results, errors, interrupted)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ..inference.embedded import DEFAULT_MODEL_DIR, load_model
 from ..modeling.config import UniMedVLConfig
 from ..tasks.catalog import TASKS
 from ..tasks.registry import ModelLimits
+from .cli_batch import add_batch_command, run_batch_command
 from .cli_tasks import HelpFormatter, add_model_args, add_task_commands, check_task_command, run_task_command
 
 __all__ = ["main", "build_parser"]
@@ -53,7 +55,8 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=25,
                    help="sampling steps; 25 is the protocol of the embedded model's recorded scores")
     p.add_argument("--eval-seed", type=int, default=20261123, help="seed of the fresh phantoms")
-    p.add_argument("--out", type=Path, default=None, help="write the scores as JSON")
+    p.add_argument("--out", default=None, metavar="FILE|DIR/",
+                   help="write the scores as JSON (a folder: DIR/phantom_eval.json)")
 
 
 def _add_evaluate_command(sub) -> None:
@@ -96,15 +99,26 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the task registry's)")
 
 
+def _examples() -> str:
+    """The first example of every task (from the registry), then the service commands."""
+    lines = [task.examples[0] for task in TASKS if task.examples]
+    lines += ["unimedvl info                  (the model, its weights and limits)",
+              "unimedvl tasks [--json]        (every task, its parameters, defaults and limits)",
+              "unimedvl demo --out outputs/demo",
+              "unimedvl COMMAND --help        (every option with its default, limits and examples)"]
+    return "examples:\n  " + "\n  ".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimedvl", description="UniMedVL: read and make medical images.",
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=HelpFormatter, epilog=_examples())
     parser.add_argument("--version", action="version", version=f"unimedvl-core {__version__}")
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_task_commands(sub)
+    add_task_commands(sub, ModelLimits.of(UniMedVLConfig.from_dir(DEFAULT_MODEL_DIR)))
     _add_service_commands(sub)
     _add_evaluate_command(sub)
+    add_batch_command(sub)
     _add_tool_commands(sub)
     return parser
 
@@ -135,14 +149,15 @@ def _tasks(args) -> int:
         print(f"\n{task['name']}{aliases}: {task['summary']} [{task['takes']} -> {task['returns']}]")
         for p in task["params"]:
             shown = "required" if p["required"] else f"default {p['default']}"
-            print(f"  {p['name']:24s} {p['type']:8s} {shown:22s} {p['help']}")
+            bounds = TASKS.get(task["name"]).param(p["name"]).bounds
+            print(f"  {p['name']:24s} {p['type']:8s} {shown:22s} {p['help']}" + (f" [{bounds}]" if bounds else ""))
     return 0
 
 
 def _demo(args, model) -> int:
     from .demo import run_demo
 
-    run_demo(model, args.out, seed=args.seed, steps=args.steps, progress=not args.no_progress)
+    run_demo(model, args.out, seed=args.seed, steps=args.steps, progress=not args.no_progress, ckpt=args.ckpt)
     return 0
 
 
@@ -158,14 +173,16 @@ def _phantoms(args) -> int:
 
 def _phantom_eval(args, model) -> int:
     from ..data.phantom_eval import evaluate_phantoms
+    from ..io.atomic import write_text_atomic
+    from .cli_tasks import is_folder_target
 
     scores = evaluate_phantoms(model, n=args.n, t2i=args.t2i, sr=args.sr, steps=args.steps, seed=args.eval_seed,
                                progress=not args.no_progress)
     text = json.dumps(scores, indent=2)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        write_text_atomic(Path(args.out) / "phantom_eval.json" if is_folder_target(args.out) else args.out,
+                          text + "\n")
     return 0
 
 
@@ -187,8 +204,6 @@ def _evaluate(args, model) -> int:
 
 
 def _serve(args) -> int:
-    import os
-
     from .server.app import Settings, serve
 
     settings = Settings(seed=args.seed, model_id=args.model_id, local_image_root=args.allow_local_images)
@@ -196,9 +211,30 @@ def _serve(args) -> int:
     return 0
 
 
+def _limits(model) -> dict:
+    """What a run may ask of this model: its image sizes and the registry's and readers' bounds."""
+    from ..io.medical_io import MAX_DECLARED_BYTES
+    from ..modeling.preprocessing import MAX_INPUT_PIXELS
+    from ..tasks.catalog import MAX_KEY_SLICES, MAX_NEW_TOKENS, MAX_STEPS, MAX_TEXT_CHARS
+
+    return {**ModelLimits.of(model.config).describe(), "max_input_pixels": MAX_INPUT_PIXELS,
+            "max_declared_pixel_bytes": MAX_DECLARED_BYTES, "max_steps": MAX_STEPS, "max_new_tokens": MAX_NEW_TOKENS,
+            "max_text_chars": MAX_TEXT_CHARS, "max_key_slices": MAX_KEY_SLICES}
+
+
 def _info(args, model) -> int:
+    limits = _limits(model)
     print(model)
-    print(json.dumps({"weights": model.provenance.to_dict(), "config": model.config.to_dict()}, indent=2))
+    print(f"weights: {model.provenance.short}")
+    print(f"limits: generated images {limits['size_multiple']} to {limits['max_image_side']} px a side in multiples "
+          f"of {limits['size_multiple']} (default {'x'.join(map(str, limits['default_size']))}); inputs up to "
+          f"{limits['max_input_pixels']:,} pixels a frame and {limits['max_declared_pixel_bytes'] / 2**30:g} GiB "
+          f"of pixel data; at most {limits['max_steps']} sampling steps, {limits['max_new_tokens']} new tokens, "
+          f"{limits['max_text_chars']} characters of text, {limits['max_key_slices']} key slices a series report")
+    if model.provenance.notice:
+        print(f"note: {model.provenance.notice}")
+    print(json.dumps({"weights": model.provenance.to_dict(), "limits": limits,
+                      "config": model.config.to_dict()}, indent=2))
     return 0
 
 
@@ -208,7 +244,7 @@ def _without_model(args) -> int | None:
         from ..training.launch import run
 
         return run(args)
-    handlers = {"phantoms": _phantoms, "serve": _serve, "tasks": _tasks}
+    handlers = {"phantoms": _phantoms, "serve": _serve, "tasks": _tasks, "batch": run_batch_command}
     return handlers[args.command](args) if args.command in handlers else None
 
 
@@ -228,11 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "task", None):
             check_task_command(args)
         model = _load(args)
+        if model.provenance.notice and args.command != "info":  # once per command; info prints it itself
+            print(f"note: {model.provenance.notice}", file=sys.stderr)
         handlers = {"info": _info, "demo": _demo, "phantom-eval": _phantom_eval, "evaluate": _evaluate}
         return handlers.get(args.command, run_task_command)(args, model)
+    except BrokenPipeError:  # the reader went away (``unimedvl tasks | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return EXIT_OK
     except (ValueError, OSError) as err:  # ImageReadError, CheckpointError, TaskParameterError, missing files
         return _fail(args, EXIT_BAD_INPUT, f"error: {err}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # files are written whole or not at all (io/atomic.py): nothing partial remains
         return _fail(args, EXIT_INTERRUPTED, "interrupted")
     except Exception as err:  # reported in one line; --debug shows where
         return _fail(args, EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err}")

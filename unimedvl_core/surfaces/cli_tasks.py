@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from ..io.medical_io import MedicalImage, read_slices
-from ..io.outputs import write_image_outputs
+from ..io.atomic import write_text_atomic
+from ..io.medical_io import WINDOW_PRESETS, read_key_slices, read_slices
+from ..io.outputs import write_image_outputs, write_nifti_slice, write_nifti_volume
 from ..io.paths import check_output_location
 from ..tasks.catalog import TASKS
 from ..tasks.params import Param, TaskParameterError
@@ -25,7 +27,14 @@ __all__ = ["add_task_commands", "check_task_command", "run_task_command", "add_m
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each option's help, examples kept as written."""
+    """Defaults after each option's help (unless the help already says it, or there is none), examples kept
+    as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -43,10 +52,54 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+SLICES_FORM = "N (one slice, from 0; negative counts from the end), A:B (slices A to B-1), all, or middle"
+
+
+def parse_slices(text: str) -> list[int] | str:
+    """``--slices``: "middle", "all", or the list of indices of "N" or "A:B" (B excluded, A < B)."""
+    value = text.strip().lower()
+    if value in ("all", "middle"):
+        return value
+    try:
+        if ":" not in value:
+            return [int(value)]
+        start, stop = (int(v) for v in value.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {SLICES_FORM} (got {text!r})") from None
+    if not 0 <= start < stop:
+        raise argparse.ArgumentTypeError(f"A:B needs 0 <= A < B (slices A to B-1); {text!r} selects no slice")
+    return list(range(start, stop))
+
+
+parse_slices.__name__ = "slices"  # argparse names the type in its messages
+
+
+def parse_window(text: str) -> tuple[float, float] | str:
+    """``--window``: "CENTRE,WIDTH" (modality units, width > 0) or a preset name."""
+    if "," not in text:
+        if text not in WINDOW_PRESETS:
+            raise argparse.ArgumentTypeError(f"expected CENTRE,WIDTH or a preset ({', '.join(WINDOW_PRESETS)}); "
+                                             f"got {text!r}")
+        return text
+    try:
+        centre, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CENTRE,WIDTH (two numbers) or a preset (got {text!r})") from None
+    if not width > 0:
+        raise argparse.ArgumentTypeError(f"the width must be above 0 (got {text!r})")
+    return centre, width
+
+
+parse_window.__name__ = "window"
+
+
 def _add_image_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image", required=True, help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI")
-    p.add_argument("--slices", default=None, help="slice/frame of a volume: N, A:B or all (default: middle)")
-    p.add_argument("--window", default=None, help="CENTRE,WIDTH or a preset (soft_tissue, lung, bone, brain...)")
+    p.add_argument("--image", required=True, metavar="PATH", help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI")
+    p.add_argument("--slices", type=parse_slices, default="middle", metavar="SEL",
+                   help=f"slices or frames of a volume: {SLICES_FORM}")
+    p.add_argument("--window", type=parse_window, default=None, metavar="C,W|PRESET",
+                   help="CENTRE,WIDTH or a preset (soft_tissue, lung, bone, brain, liver, mediastinum) "
+                        "(default: the file's window, else a modality preset, else the full range)")
     p.add_argument("--series-uid", default=None, help="series to read when a folder holds several")
 
 
@@ -61,9 +114,19 @@ def _option_type(param: Param):
     return parse
 
 
-def _add_param(p: argparse.ArgumentParser, param: Param) -> None:
+def _param_help(param: Param, limits: ModelLimits | None) -> str:
+    text = param.help or ""
+    if param.limit == "image_side" and limits is not None:
+        text += (f" [a multiple of {limits.size_multiple}, at most {limits.max_image_side} for the embedded model; "
+                 "'unimedvl tasks --ckpt DIR' shows a checkpoint's]")
+    elif param.bounds:
+        text += f" [{param.bounds}]"
+    return text or " "
+
+
+def _add_param(p: argparse.ArgumentParser, param: Param, limits: ModelLimits | None) -> None:
     flags = [f"--{param.name.replace('_', '-')}", *param.flags]
-    kwargs = dict(dest=param.name, help=param.help or " ", default=param.default)
+    kwargs = dict(dest=param.name, help=_param_help(param, limits), default=param.default)
     if param.type == "bool":
         p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         return
@@ -73,7 +136,12 @@ def _add_param(p: argparse.ArgumentParser, param: Param) -> None:
     p.add_argument(*flags, type=_option_type(param), required=param.required, metavar=metavar, **kwargs)
 
 
-def _add_task_command(sub, task: Task) -> None:
+_OUT_HELP = ("output file (NAME.png: also NAME.dcm or NAME.nii.gz beside it for DICOM or NIfTI input) or folder "
+             "(a path ending in / or an existing folder: files named from the input and task); several slices "
+             "go into a folder of that name, with one NIfTI volume for a NIfTI input")
+
+
+def _add_task_command(sub, task: Task, limits: ModelLimits | None) -> None:
     aliases = [task.name.replace("_", "-")] if "_" in task.name else []
     aliases += [a for a in task.aliases if a not in aliases]
     examples = "examples:\n  " + "\n  ".join(task.examples) if task.examples else None
@@ -83,75 +151,68 @@ def _add_task_command(sub, task: Task) -> None:
     if task.needs_image:
         _add_image_args(p)
     for param in task.params:
-        _add_param(p, param)
+        _add_param(p, param, limits)
     if task.returns == "image":
-        p.add_argument("--out", type=Path, default=Path(f"{task.name}.png"),
-                       help="output PNG path (a folder when several slices are processed)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+        p.add_argument("--out", default=f"{task.name}.png", metavar="FILE|DIR/", help=_OUT_HELP)
+    p.add_argument("--json", default=None, metavar="FILE|DIR/",
+                   help="also write the results to this JSON file (a folder: named from the input and task)")
     p.set_defaults(task=task.name)
 
 
-def add_task_commands(sub) -> None:
-    """One subcommand per registered task (read at call time, so a newly registered task appears)."""
+def add_task_commands(sub, limits: ModelLimits | None = None) -> None:
+    """One subcommand per registered task (read at call time, so a newly registered task appears); ``limits``
+    (the embedded model's) are shown in the help of size options."""
     for task in TASKS:
-        _add_task_command(sub, task)
+        _add_task_command(sub, task, limits)
 
 
-def _window(text: str | None):
-    if text is None or "," not in text:
-        return text
-    centre, width = text.split(",", 1)
-    return float(centre), float(width)
+def _input_stem(image: str) -> str:
+    name = Path(str(image).rstrip("/\\")).name
+    for suffix in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or name
+    return name
 
 
-def _slices(text: str | None) -> list[int] | None | str:
-    """None (middle slice), "all", or a list of indices from "N" or "A:B" (B exclusive)."""
-    if text is None or text == "all":
-        return text
-    if ":" in text:
-        a, b = text.split(":", 1)
-        return list(range(int(a), int(b)))
-    return [int(text)]
+def is_folder_target(text: str) -> bool:
+    """``--out DIR/`` (a trailing separator) or an existing folder means a folder."""
+    return text.endswith(("/", os.sep)) or Path(text).is_dir()
 
 
-def read_inputs(args) -> list[MedicalImage]:
-    sel = _slices(args.slices)
-    frames = None if sel in (None, "all") else sel
-    return read_slices(args.image, frames=frames, window=_window(args.window), series_uid=args.series_uid,
-                       middle_only=sel is None)
-
-
-def _stem(path: Path) -> Path:
-    """``--out result.png`` names the outputs result.png, result.dcm, ..."""
+def output_stem(text: str, args, task: Task) -> Path:
+    """Where a run's files go, without suffix: ``--out result.png`` -> result (result.png, result.dcm, ...);
+    a folder -> FOLDER/<input>_<task> (FOLDER/<task> for tasks without an input image)."""
+    if is_folder_target(text):
+        name = f"{_input_stem(args.image)}_{task.name}" if task.needs_image else task.name
+        return Path(text) / name
+    path = Path(text)
     return path.with_suffix("") if path.suffix.lower() == ".png" else path
 
 
-def _write_image(result: TaskResult, src, out: Path, series_uid: str, instance: int) -> list[str]:
-    image = result.image
-    paths = write_image_outputs(image, src, out, result.task, image.info.get("Description", ""), series_uid, instance)
-    if result.text is not None:  # an explanation beside the image
-        (out.parent / f"{out.name}.txt").write_text(result.text + "\n")
-    return [str(p) for p in paths]
+def json_path(args, task: Task) -> Path:
+    """``--json FILE``, or FOLDER/<input>_<task>.json for a folder."""
+    if is_folder_target(args.json):
+        stem = output_stem(args.json, args, task)
+        return stem.with_name(stem.name + ".json")
+    return Path(args.json)
 
 
-def _report(task: Task, src, result: TaskResult, several: bool, paths: list[str]) -> dict:
-    prefix = f"[slice {src.frame}] " if several and src is not None else ""
-    if task.returns == "text":
-        print(prefix + result.text)
-    for path in paths:
-        print(f"wrote {path}")
-    if task.returns == "image" and result.text:
-        print(f"explanation: {result.text}")
-    return {"source": getattr(src, "source", None), "slice": getattr(src, "frame", None), "text": result.text,
-            "outputs": paths}
+def read_inputs(args, task: Task) -> list:
+    """The slices to run on: one per selected slice, or one list of key slices for a series report."""
+    window, sel = args.window, args.slices
+    frames = None if sel in ("middle", "all") else sel
+    if getattr(args, "series_report", False):  # over the whole volume unless --slices narrows it
+        return [read_key_slices(args.image, args.key_slices, window, args.series_uid, frames=frames)]
+    return read_slices(args.image, frames=frames, window=window, series_uid=args.series_uid,
+                       middle_only=sel == "middle")
 
 
 def _planned_outputs(args, task: Task) -> list[Path]:
     """Every file this run may write: the image outputs (PNG, DICOM, NIfTI, explanation) and the JSON."""
-    planned = [args.json] if args.json else []
+    planned = [json_path(args, task)] if args.json else []
     if task.returns == "image":
-        stem = _stem(args.out)
-        planned += [args.out, *(stem.parent / f"{stem.name}{suffix}" for suffix in (".png", ".dcm", ".nii.gz", ".txt"))]
+        stem = output_stem(args.out, args, task)
+        planned += [stem, *(stem.parent / f"{stem.name}{suffix}" for suffix in (".png", ".dcm", ".nii.gz", ".txt"))]
     return planned
 
 
@@ -162,25 +223,88 @@ def check_task_command(args) -> None:
         check_output_location(_planned_outputs(args, task), [args.image])
 
 
+def _write_image(result: TaskResult, src, out: Path, series_uid: str, instance: int, provenance,
+                 nifti: bool) -> list[str]:
+    image = result.image
+    paths = write_image_outputs(image, src, out, result.task, image.info.get("Description", ""), series_uid, instance,
+                                provenance=provenance, nifti=nifti)
+    if result.text is not None:  # an explanation beside the image
+        paths.append(write_text_atomic(out.parent / f"{out.name}.txt", result.text + "\n"))
+    return [str(p) for p in paths]
+
+
+def _where(src) -> dict:
+    if isinstance(src, list):  # the key slices of a series report
+        return {"source": src[0].source, "slices": [s.frame for s in src]}
+    return {"source": getattr(src, "source", None), "slice": getattr(src, "frame", None)}
+
+
+def _report(task: Task, src, result: TaskResult, several: bool, paths: list[str]) -> dict:
+    prefix = f"[slice {src.frame}] " if several and src is not None else ""
+    if task.returns == "text":
+        print(prefix + result.text)
+    for path in paths:
+        print(f"wrote {path}")
+    if task.returns == "image" and result.text:
+        print(f"explanation: {result.text}")
+    return {**_where(src), "text": result.text, "outputs": paths}
+
+
+def _write_volume(run: dict, stem: Path, provenance) -> None:
+    """The outputs of several slices of a NIfTI volume as one NIfTI volume in its space (one NIfTI per slice
+    when they cannot form one: uneven slices or sizes)."""
+    images, sources = zip(*run["volume"])
+    path = write_nifti_volume(images, sources, stem / f"{stem.name}.nii.gz", provenance)
+    paths = [path] if path else [write_nifti_slice(image, src, stem / f"slice_{src.frame:04d}.nii.gz", provenance)
+                                 for image, src in run["volume"]]
+    run["doc"]["volume"] = [str(p) for p in paths]
+    for p in paths:
+        print(f"wrote {p}")
+
+
+def _run_all(args, model, task: Task, params: dict, sources: list, run: dict) -> None:
+    several = len(sources) > 1
+    stem = output_stem(args.out, args, task) if task.returns == "image" else None
+    series_uid = generate_uid()
+    for i, src in enumerate(sources):
+        result = task.run(model, src, task.item_params(params, i), RunOptions(progress=not args.no_progress))
+        paths = []
+        if task.returns == "image":
+            out = stem / f"slice_{src.frame:04d}" if several else stem
+            paths = _write_image(result, src, out, series_uid, i + 1, model.provenance, nifti=not several)
+            if several and "affine" in src.geometry:
+                run["volume"].append((result.image, src))
+        run["doc"]["results"].append(_report(task, src, result, several, paths))
+    if run["volume"]:
+        _write_volume(run, stem, model.provenance)
+
+
+def _write_json(args, task: Task, doc: dict, status: str) -> None:
+    if args.json:
+        path = json_path(args, task)
+        write_text_atomic(path, json.dumps({**doc, "status": status}, indent=2))
+        if status != "complete":  # stdout keeps only the results
+            print(f"the results finished before the interrupt are in {path}", file=sys.stderr)
+
+
 def run_task_command(args, model) -> int:
-    """Run the task named by the subcommand on every selected slice (or once, for text-only tasks)."""
+    """Run the task named by the subcommand on every selected slice (once for text-only tasks, once on the
+    key slices for a series report). A demonstration model's notice goes into the JSON and the image labels;
+    an interrupt keeps the finished outputs and records them in the JSON as "interrupted"."""
     task = TASKS.get(args.task, warn=False)
     check_task_command(args)
     if canonical_name(args.command) in {canonical_name(a) for a in task.aliases}:
         print(f"warning: '{args.command}' is deprecated; use 'unimedvl {task.name}'", file=sys.stderr)
+    notice = model.provenance.notice  # said on stderr by the command line once, recorded in the JSON here
     params = task.resolve({p.name: getattr(args, p.name) for p in task.params}, ModelLimits.of(model.config))
-    sources = read_inputs(args) if task.needs_image else [None]
-    series_uid, several, records = generate_uid(), len(sources) > 1, []
-    for i, src in enumerate(sources):
-        result = task.run(model, src, task.item_params(params, i),
-                          RunOptions(progress=not args.no_progress))
-        paths = []
-        if task.returns == "image":
-            out = args.out / f"slice_{src.frame:04d}" if several else _stem(args.out)
-            paths = _write_image(result, src, out, series_uid, i + 1)
-        records.append(_report(task, src, result, several, paths))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": model.name, "weights": model.provenance.to_dict(), "task": task.name,
-                                         "parameters": params, "results": records}, indent=2))
+    sources = read_inputs(args, task) if task.needs_image else [None]
+    doc = {"model": model.name, "weights": model.provenance.to_dict(), "notice": notice, "task": task.name,
+           "parameters": params, "results": []}
+    run = {"doc": doc, "volume": []}
+    try:
+        _run_all(args, model, task, params, sources, run)
+    except KeyboardInterrupt:
+        _write_json(args, task, doc, "interrupted")
+        raise
+    _write_json(args, task, doc, "complete")
     return 0

@@ -1,10 +1,12 @@
 """``unimedvl demo``: every kind of task once on a procedural phantom CT slice in DICOM, each result printed
 beside the phantom's ground truth (or what is measured in the generated image). Tasks run through the
-registry with its defaults, as on every other surface."""
+registry with its defaults, as on every other surface. The phantom's DICOM study is kept in ``input/``
+beside the outputs, and the MONAI Deploy application's command that reads it is printed."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -14,13 +16,15 @@ from pydicom.uid import generate_uid
 
 from ..data.evaluation import psnr_ssim
 from ..data.phantoms import REMOVE_LESIONS, analyze, caption, degrade_for_super_resolution, render, sample_phantom
+from ..io.atomic import write_text_atomic
+from ..io.dicom_output import write_dicom
 from ..io.medical_io import read_slices
-from ..io.outputs import write_image_outputs
+from ..io.outputs import label_with_provenance, write_image_outputs
 from ..io.synthetic import save_png
 from ..tasks.catalog import TASKS
 from ..tasks.registry import RunOptions
 
-__all__ = ["run_demo", "phantom_ct_dicom"]
+__all__ = ["run_demo", "phantom_ct_dicom", "map_command"]
 
 
 def phantom_ct_dicom(image: np.ndarray, seed: int):
@@ -64,14 +68,14 @@ class _Demo:
     def text_to_image(self, summary: dict) -> None:
         wanted = sample_phantom(self.rng, family="radiology", size=64, count=1, pid="demo-t2i")
         prompt = caption(wanted, "ct")
-        image = self.run("text_to_image", prompt=prompt).image
+        image = label_with_provenance(self.run("text_to_image", prompt=prompt).image, self.model.provenance)
         summary["outputs"]["text_to_image"] = str(save_png(image, self.out / "text_to_image.png"))
         summary["measured"]["text_to_image"] = {"prompt": prompt, "lesions_asked": wanted.count,
                                                 "lesions_found": analyze(image, "ct").count}
 
     def super_resolution(self, ct, pixels: np.ndarray, summary: dict) -> None:
         low = ct.to_pil().resize((16, 16), Image.Resampling.BOX)
-        image = self.run("super_resolution", low, scale=4).image
+        image = label_with_provenance(self.run("super_resolution", low, scale=4).image, self.model.provenance)
         summary["outputs"]["super_resolution"] = [str(save_png(image, self.out / "super_resolution.png"))]
         summary["measured"]["super_resolution_psnr_db"] = {
             "model": round(psnr_ssim(np.asarray(image), pixels)[0], 2),
@@ -81,28 +85,44 @@ class _Demo:
         result = self.run("counterfactual", ct, instruction=REMOVE_LESIONS.format(things=f"{thing}s"),
                           max_explanation_tokens=48)
         paths = write_image_outputs(result.image, ct, self.out / "edit", "counterfactual",
-                                    result.image.info.get("Description", ""), generate_uid(), 1)
+                                    result.image.info.get("Description", ""), generate_uid(), 1,
+                                    provenance=self.model.provenance)
         summary["outputs"]["edit"] = [str(p) for p in paths]
         summary["measured"]["edit"] = {"explanation": result.text,
                                        "lesions_after": analyze(result.image, "ct").count}
 
 
+def map_command(study: Path, out: Path, ckpt: Path | None, demo_model: bool) -> str:
+    """The MONAI Deploy application's local run on the demo's input study (monai_deploy_app/README.md)."""
+    allow = "UNIMEDVL_ALLOW_DEMO_MODEL=1 " if demo_model and ckpt is None else ""
+    model = f" -m {shlex.quote(str(ckpt))}" if ckpt is not None else ""
+    return (f"{allow}python monai_deploy_app/app.py -i {shlex.quote(str(study))} "
+            f"-o {shlex.quote(str(out))}{model}")
+
+
 def _print_summary(summary: dict, count: int, thing: str, path: Path) -> None:
-    print(f"model: {summary['model']}; input: a phantom CT slice with {count} {thing}s")
+    print(f"model: {summary['model']}; input: a phantom CT slice with {count} {thing}s ({summary['input_study']})")
     for key, value in summary["outputs"].items():
         print(f"{key}: {value}")
     for key, value in summary["measured"].items():
         print(f"measured {key}: {value}")
     print(f"wrote {path} ({summary['seconds']} s)")
+    print(f"the MONAI Deploy application reads the same study (from the repository root, after "
+          f"'bash install.sh deploy'):\n  {summary['map_command']}")
 
 
-def run_demo(model, out: Path, seed: int = 0, steps: int | None = None, progress: bool = True) -> dict:
+def run_demo(model, out: Path, seed: int = 0, steps: int | None = None, progress: bool = True,
+             ckpt: Path | None = None) -> dict:
+    """Every kind of task on a phantom CT slice; its DICOM study is kept in ``out/input`` for the MAP."""
     out.mkdir(parents=True, exist_ok=True)
     demo = _Demo(model, out, seed, steps, progress)
     phantom = sample_phantom(demo.rng, family="radiology", size=64, count=2, pid="demo")
     pixels = render(phantom, "ct")
-    ct = read_slices(phantom_ct_dicom(pixels, seed))[0]
-    summary = {"model": model.name, "input": "phantom CT slice (DICOM, synthetic)",
+    study = write_dicom(phantom_ct_dicom(pixels, seed), out / "input" / "phantom_ct.dcm")
+    ct = read_slices(study)[0]
+    summary = {"model": model.name, "weights": model.provenance.to_dict(), "notice": model.provenance.notice,
+               "input": "phantom CT slice (DICOM, synthetic)", "input_study": str(study.parent),
+               "map_command": map_command(study.parent, out / "map", ckpt, model.provenance.demo),
                "truth": {"lesions": phantom.count}, "outputs": {}, "measured": {}}
     t0 = time.perf_counter()
     question = f"How many {phantom.thing}s are there?"
@@ -112,6 +132,6 @@ def run_demo(model, out: Path, seed: int = 0, steps: int | None = None, progress
     demo.super_resolution(ct, pixels, summary)
     demo.counterfactual(ct, phantom.thing, summary)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     _print_summary(summary, phantom.count, phantom.thing, out / "summary.json")
     return summary

@@ -13,15 +13,19 @@ from ..inference.prompts import report_prompt
 from ..inference.sampling import RENORM_TYPES
 from ..inference.text_generation import DECODING, EXPLANATION_TOKENS
 from ..inference.tiling import DEFAULT_TILE_OVERLAP, TILED, TILING_MODES, WHOLE
-from ..io.medical_io import read_image
+from ..io.medical_io import read_image, read_key_slices
 from .params import Param
 from .registry import Applicability, Batching, RunOptions, Task, TaskRegistry, TaskResult
 
-__all__ = ["TASKS", "MAX_STEPS", "MAX_NEW_TOKENS", "MAX_TEXT_CHARS", "TASK_TILING", "task_generator"]
+__all__ = ["TASKS", "MAX_STEPS", "MAX_NEW_TOKENS", "MAX_TEXT_CHARS", "MAX_KEY_SLICES", "TASK_TILING",
+           "task_generator"]
 
 MAX_STEPS = 200
 MAX_NEW_TOKENS = 2048
 MAX_TEXT_CHARS = 4000
+# A series report reads this many key slices by default, at most MAX_KEY_SLICES (each adds its ViT tokens
+# to the context).
+DEFAULT_KEY_SLICES, MAX_KEY_SLICES = 5, 16
 GUIDANCE_NAMES = tuple(GuidanceSettings.__dataclass_fields__)
 
 
@@ -101,6 +105,13 @@ def _tiling_params(task: str) -> tuple[Param, ...]:
                   "share", minimum=0, maximum=0.5))
 
 
+def _series_params() -> tuple[Param, ...]:
+    return (Param("series_report", "bool", False, "one report for the whole series from key slices read together "
+                  "in one context (the released model was trained on single images; docs/prompts.md#series-reports)"),
+            Param("key_slices", "int", DEFAULT_KEY_SLICES, "how many evenly spaced slices a series report reads",
+                  minimum=1, maximum=MAX_KEY_SLICES))
+
+
 def _decoding(p: dict, options: RunOptions) -> dict:
     return dict(max_new_tokens=p["max_new_tokens"], do_sample=p["do_sample"], temperature=p["temperature"],
                 top_p=p["top_p"], generator=task_generator(p["seed"]), streamer=options.streamer)
@@ -122,8 +133,12 @@ def run_vqa(model, image, p: dict, options: RunOptions) -> TaskResult:
 
 
 def run_report(model, image, p: dict, options: RunOptions) -> TaskResult:
-    text = model.generate_report(image, prompt=p["prompt"], modality=getattr(image, "modality", None),
-                                 **_decoding(p, options))
+    prompt, modality = p["prompt"], getattr(image, "modality", None)
+    if p["series_report"]:  # key slices of the volume in one context: one report for the series
+        image = read_key_slices(image, p["key_slices"])
+        modality = image[0].modality
+        prompt = prompt or report_prompt(modality)
+    text = model.generate_report(image, prompt=prompt, modality=modality, **_decoding(p, options))
     return TaskResult("report", text=text)
 
 
@@ -184,8 +199,9 @@ def run_report_batch(model, images, params: list[dict], options: RunOptions) -> 
 
 
 def _greedy_with_batch_api(model, params: dict) -> bool:
-    """Answers batch only greedily (a sampled batch would draw differently from single requests)."""
-    return hasattr(model, "answer_batch") and not params.get("do_sample")
+    """Answers batch only greedily (a sampled batch would draw differently from single requests), and one
+    image per request (a series report reads several)."""
+    return hasattr(model, "answer_batch") and not params.get("do_sample") and not params.get("series_report")
 
 
 TEXT_TO_IMAGE_BATCHING = Batching(("prompt", "seed"), run_text_to_image_batch)
@@ -210,10 +226,11 @@ def _builtin_tasks() -> list[Task]:
              (_text("question", "the question", plural="questions"), *_decoding_params()), run_vqa,
              batching=VQA_BATCHING,
              examples=('unimedvl vqa --image chest.dcm --question "Is there a pleural effusion?"',)),
-        Task("report", "draft a report for an image", "image", "text",
-             (_text("prompt", "override the report prompt", required=False), *_decoding_params()), run_report,
-             batching=REPORT_BATCHING,
-             examples=("unimedvl report --image ct_series/ --window lung",)),
+        Task("report", "draft a report for an image, or one report for a series", "image", "text",
+             (_text("prompt", "override the report prompt", required=False), *_series_params(), *_decoding_params()),
+             run_report, batching=REPORT_BATCHING,
+             examples=("unimedvl report --image ct_series/ --window lung",
+                       "unimedvl report --image ct_series/ --series-report --key-slices 6")),
         Task("text_to_image", "generate an image from a description", "text", "image",
              (_text("prompt", "what to generate", plural="prompts"), *_size_params(),
               *_guidance_params(TEXT_TO_IMAGE_GUIDANCE)), run_text_to_image, aliases=("generate",),

@@ -111,16 +111,22 @@ class Param:
         if self.type in ("int", "float"):
             low_ok = self.minimum is None or (value > self.minimum if self.exclusive_minimum else value >= self.minimum)
             if not low_ok or (self.maximum is not None and value > self.maximum):
-                raise self._fail(value, f"must be {self._bounds()}")
+                raise self._fail(value, f"must be {self.bounds}")
         if self.type == "str":
             if self.required and not value.strip():
                 raise self._fail(value, "must not be empty")
             if self.max_length is not None and len(value) > self.max_length:
                 raise TaskParameterError(f"{self.name}: longer than {self.max_length} characters")
 
-    def _bounds(self) -> str:
-        low = None if self.minimum is None else f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
-        high = None if self.maximum is None else f"<= {self.maximum:g}"
+    @property
+    def bounds(self) -> str:
+        """The limits in words ("> 0 and <= 10", "at most 4000 characters"); empty when there are none."""
+        if self.type == "str":
+            return f"at most {self.max_length} characters" if self.max_length is not None and not self.choices else ""
+        if self.type not in ("int", "float"):
+            return ""
+        low = None if self.minimum is None else f"{'>' if self.exclusive_minimum else '>='} {_number(self.minimum)}"
+        high = None if self.maximum is None else f"<= {_number(self.maximum)}"
         return " and ".join(b for b in (low, high) if b)
 
     def parse(self, value: Any) -> Any:
@@ -145,6 +151,10 @@ class Param:
         if self.exclusive_minimum:
             out["exclusive_minimum"] = True
         return out
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _as_int(value: Any) -> int:

@@ -6,7 +6,7 @@ the task registry (``unimedvl tasks`` lists every task, parameter, default and l
     window: null                             # [centre, width] or a preset name; null = the file's own
     tasks:                                   # each: a registry task name and any of its parameters
       - {task: vqa, questions: ["Is there a pleural effusion?"]}     # list form: once per question
-      - {task: report}
+      - {task: report}                     # series_report: true: one report from key slices of the series
       - {task: super_resolution, scale: 2, applies_to: {modalities: [CT, MR], max_side: 512}}
       - {task: contrast_translation, source: T2, target: FLAIR}
       - {task: counterfactual, instruction: "Remove the effusion."}
@@ -62,6 +62,12 @@ class TaskSpec:
     def not_applicable(self, image) -> str | None:
         """Why this entry does not apply to ``image`` (a ``MedicalImage``), or ``None``."""
         return TASKS.get(self.task, warn=False).not_applicable(image, self.rules)
+
+    @property
+    def key_slices(self) -> int | None:
+        """How many key slices one report of the whole series reads (``series_report``), or None: per slice."""
+        params = TASKS.get(self.task, warn=False).resolve(self.runs()[0])
+        return params["key_slices"] if params.get("series_report") else None
 
     def runs(self) -> list[dict]:
         """The parameters of each run: one per value of the repeated parameter."""

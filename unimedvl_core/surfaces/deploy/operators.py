@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import inspect
 import json
 import logging
 import os
@@ -31,8 +30,8 @@ from pydicom.uid import generate_uid
 
 from ... import __version__
 from ...io.dicom_output import derived_image, report_sr, write_dicom
-from ...io.medical_io import MedicalImage, _slice_sort_key, read_slices
-from ...io.provenance import DEMO_NOTICE
+from ...io.medical_io import MedicalImage, _slice_sort_key, read_key_slices, read_slices
+from ...io.outputs import label_with_provenance
 from ...io.synthetic import save_png
 from ...tasks.catalog import TASKS
 from .config import DeployConfig, TaskSpec
@@ -81,11 +80,36 @@ def _reason(err: BaseException) -> str:
 
 @dataclass
 class SeriesSlices:
+    """A selected series: the slices the per-slice tasks run on, and (for series reports) its instances in
+    patient order, the window and the slice range, so that key slices can be read over the series."""
+
     series_uid: str
     description: str
     modality: str
     selection: str
     slices: list[MedicalImage]
+    datasets: list = field(default_factory=list, repr=False)  # headers hold patient identity: never shown
+    window: Any = None
+    span: list[int] | None = None  # the slice range asked for; None: the whole series
+
+    def key_slices(self, count: int) -> list[MedicalImage]:
+        """``count`` key slices spread over the series (over ``span`` when set), chosen by the same code as
+        the command line's series reports (``read_key_slices``); only those are decoded."""
+        if not self.datasets:  # built from slices alone: key slices among them
+            return read_key_slices(self.slices, count)
+        if len(self.datasets) == 1:  # one (multi-frame) object: its frames are the slices
+            return read_key_slices(self.datasets[0], count, self.window, frames=self.span)
+        indexed = list(enumerate(self.datasets))
+        if self.span is not None:
+            indexed = [indexed[i] for i in self.span]
+        return [read_instance(ds, i, len(self.datasets), self.window) for i, ds in read_key_slices(indexed, count)]
+
+
+def read_instance(ds, index: int, count: int, window: Any) -> MedicalImage:
+    """Instance ``index`` of a series of ``count`` single-frame instances as slice ``index``."""
+    image = read_slices(ds, window=window, middle_only=True)[0]
+    image.frame, image.num_frames = index, count
+    return image
 
 
 @dataclass
@@ -94,6 +118,7 @@ class SeriesResults:
     texts: list[dict] = field(default_factory=list)      # {"task", "slice", "input" (e.g. the question), "text"}
     images: list[dict] = field(default_factory=list)     # {"task", "slice", "image", "source", "explanation", ...}
     runs: list[dict] = field(default_factory=list)       # {"task", "slice", "input", "status", "reason"}
+    evidence: list[MedicalImage] = field(default_factory=list, repr=False)  # key slices a series report read
 
     def record(self, task: str, slice_: int | None, value: Any, status: str, reason: str | None = None) -> None:
         self.runs.append({"task": task, "slice": slice_, "input": value, "status": status, "reason": reason})
@@ -161,18 +186,26 @@ class SliceSelectionOperator(Operator):
         if len(datasets) == 1:
             count = int(datasets[0].get("NumberOfFrames", 1) or 1)
             return read_slices(datasets[0], frames=self._pick(count), window=self.window)
-        out = []
-        for index in self._pick(len(datasets)):
-            image = read_slices(datasets[index], window=self.window, middle_only=True)[0]
-            image.frame, image.num_frames = index, len(datasets)
-            out.append(image)
-        return out
+        return [read_instance(datasets[index], index, len(datasets), self.window)
+                for index in self._pick(len(datasets))]
+
+    def _span(self, datasets: list) -> list[int] | None:
+        """The slice range a series report reads key slices over: the range asked for, else the series."""
+        if self.slice_mode != "range":
+            return None
+        return self._pick(int(datasets[0].get("NumberOfFrames", 1) or 1) if len(datasets) == 1 else len(datasets))
 
     def _series_slices(self, selected_series) -> SeriesSlices | None:
         series = selected_series.series
-        uid, modality = str(series.SeriesInstanceUID), str(getattr(series, "Modality", "") or "")
+        return self.series_slices(str(series.SeriesInstanceUID), str(getattr(series, "Modality", "") or ""),
+                                  str(getattr(series, "SeriesDescription", "") or ""), selected_series.selection_name,
+                                  [i.get_native_sop_instance() for i in series.get_sop_instances()])
+
+    def series_slices(self, uid: str, modality: str, description: str, selection: str,
+                      datasets: list) -> SeriesSlices | None:
+        """The slices of one series' instances; None (the series recorded as failed) when none can be read."""
         try:
-            slices = self.select([i.get_native_sop_instance() for i in series.get_sop_instances()])
+            slices = self.select(datasets)
         except Exception as err:  # an image our reader cannot turn into slices: this series only fails
             self.outcome.failed_series.append({"series_instance_uid": uid, "modality": modality,
                                                "reason": f"could not be read: {_reason(err)}"})
@@ -182,8 +215,8 @@ class SliceSelectionOperator(Operator):
             self.outcome.failed_series.append({"series_instance_uid": uid, "modality": modality,
                                                "reason": "no slice in the requested range"})
             return None
-        return SeriesSlices(uid, str(getattr(series, "SeriesDescription", "") or ""), modality,
-                            selected_series.selection_name, slices)
+        return SeriesSlices(uid, description, modality, selection, slices, sorted(datasets, key=_slice_sort_key),
+                            self.window, self._span(datasets))
 
     @guarded
     def compute(self, op_input, op_output, context):
@@ -215,13 +248,16 @@ class UniMedVLTaskOperator(Operator):
         self._model.progress = False
         return self._model
 
-    def run_task(self, spec: TaskSpec, src: MedicalImage, k: int, results: SeriesResults) -> None:
-        """Every run of one task-file entry on one slice (``k``-th of the series), through the registry."""
+    def run_task(self, spec: TaskSpec, src: MedicalImage | list[MedicalImage], k: int,
+                 results: SeriesResults) -> None:
+        """Every run of one task-file entry on one slice (``k``-th of the series), or on the key slices of a
+        series report (a list), through the registry."""
         task, model = TASKS.get(spec.task, warn=False), self.load_model()
-        slice_ = src.frame if task.needs_image else None
+        several = isinstance(src, list)
+        slice_ = src.frame if task.needs_image and not several else None
         for params in spec.runs():
             value = params.get(spec.repeat[0]) if spec.repeat else None
-            reason = spec.not_applicable(src) if task.needs_image else None
+            reason = spec.not_applicable(src[0] if several else src) if task.needs_image else None
             if reason:
                 results.record(task.name, slice_, value, "not_applicable", reason)
                 continue
@@ -231,7 +267,7 @@ class UniMedVLTaskOperator(Operator):
                 results.record(task.name, slice_, value, "failed", _reason(err))
                 log.debug("task %s failed", task.name, exc_info=True)
                 continue
-            record = {"task": task.name, "slice": slice_}
+            record = {"task": task.name, "slice": slice_, **({"slices": [s.frame for s in src]} if several else {})}
             if task.returns == "text":
                 results.texts.append({**record, "input": value, "text": result.text})
             else:
@@ -239,23 +275,35 @@ class UniMedVLTaskOperator(Operator):
                                        "input": value, "from_source": task.needs_image})
             results.record(task.name, slice_, value, "done")
 
-    @guarded
-    def compute(self, op_input, op_output, context):
+    def run_spec(self, spec: TaskSpec, series: SeriesSlices, results: SeriesResults) -> None:
+        """One task-file entry on a series: per selected slice; once (text-only tasks, placed in the study
+        by its middle slice); or, for a series report, once on key slices of the series read together."""
+        if not TASKS.get(spec.task, warn=False).needs_image:
+            self.run_task(spec, series.slices[len(series.slices) // 2], 0, results)
+        elif spec.key_slices is not None:
+            try:
+                key = series.key_slices(spec.key_slices)
+            except Exception as err:  # e.g. an instance the reader cannot decode: this report fails
+                results.record(spec.task, None, None, "failed", f"key slices could not be read: {_reason(err)}")
+                return
+            results.evidence += key
+            self.run_task(spec, key, 0, results)
+        else:
+            for k, src in enumerate(series.slices):
+                self.run_task(spec, src, k, results)
+
+    def process(self, series_list: list[SeriesSlices]) -> list[SeriesResults]:
         all_results = []
-        for series in op_input.receive("series_slices"):
+        for series in series_list:
             results = SeriesResults(series)
             for spec in self.deploy_config.tasks:
-                if not TASKS.get(spec.task, warn=False).needs_image:  # once per series, placed in its study
-                    self.run_task(spec, series.slices[len(series.slices) // 2], 0, results)
-                    continue
-                for k, src in enumerate(series.slices):
-                    self.run_task(spec, src, k, results)
+                self.run_spec(spec, series, results)
             all_results.append(results)
-        op_output.emit(all_results, "results")
+        return all_results
 
-
-def _accepts(function, name: str) -> bool:
-    return name in inspect.signature(function).parameters
+    @guarded
+    def compute(self, op_input, op_output, context):
+        op_output.emit(self.process(op_input.receive("series_slices")), "results")
 
 
 class UniMedVLWriterOperator(Operator):
@@ -312,9 +360,7 @@ class UniMedVLWriterOperator(Operator):
 
     def _summary(self, entries: list[dict], input_report: dict, status: str | None = None) -> dict:
         provenance = self.provenance
-        model = None
-        if provenance is not None:
-            model = provenance.to_dict()
+        model = provenance.to_dict() if provenance is not None else None
         failed = any(r["status"] == "failed" for e in entries for r in e["tasks"]) or self.outcome.failed_series
         status = status or ("partial" if failed else "complete")
         return {"application": "UniMedVL", "version": __version__, "status": status,
@@ -346,24 +392,14 @@ class UniMedVLWriterOperator(Operator):
 
     def _write_sr(self, out: Path, res: SeriesResults, series_number: int) -> dict:
         """The series' Comprehensive SR: answers to a given input (a question) are findings, free text (a
-        report) the report, and every run without its result a note with the reason, as are the weights."""
+        report) the report, and every run without its result a note with the reason; the weights (and a
+        demonstration model's notice) are the algorithm's identification. It references the instances the
+        tasks read: the selected slices and the key slices of a series report."""
         findings = [_at(t["slice"], f"Q: {t['input']} A: {t['text']}") for t in res.texts if t["input"] is not None]
         reports = [_at(t["slice"], t["text"]) for t in res.texts if t["input"] is None]
         notes = [f"Not done: {n}" for n in res.notes()]
-        provenance = self.provenance
-        kwargs = {}
-        if provenance is not None and _accepts(report_sr, "provenance"):
-            kwargs["provenance"] = provenance
-        elif provenance is not None:  # the SR writer does not take provenance yet: name the weights as text
-            notes.append(f"Model weights: {provenance.short}")
-            if provenance.demo:
-                notes.append(DEMO_NOTICE)
-        if _accepts(report_sr, "notes"):
-            kwargs["notes"] = notes
-        else:
-            findings += notes
-        sr = report_sr(_unique_datasets(res.series.slices), findings, "\n".join(reports) or None, generate_uid(),
-                       series_number, **kwargs)
+        sr = report_sr(_unique_datasets(res.series.slices + res.evidence), findings, "\n".join(reports) or None,
+                       generate_uid(), series_number, provenance=self.provenance, notes=notes)
         path = write_dicom(sr, out / "dicom" / f"sr_{res.series.series_uid[-12:]}.dcm")
         return {"kind": "sr", "file": str(path.relative_to(out))}
 
@@ -371,16 +407,16 @@ class UniMedVLWriterOperator(Operator):
                       series_number: int) -> list[dict]:
         series_uid, records = generate_uid(), []
         provenance = self.provenance
-        extra = {"provenance": provenance} if provenance is not None and _accepts(derived_image, "provenance") else {}
         for n, item in enumerate(images, start=1):
-            pixels = np.asarray(item["image"].convert("RGB"))
-            description = item["image"].info.get("Description", task)
+            image = label_with_provenance(item["image"], provenance)  # weights and notice in the PNG text
+            pixels = np.asarray(image.convert("RGB"))
+            description = image.info.get("Description", task)
             # an image made from text joins the study but claims neither geometry nor a source image
             ds = derived_image(pixels, item["source"], task, description, series_uid, series_number, n,
-                               from_source=item["from_source"], **extra)
+                               from_source=item["from_source"], provenance=provenance)
             stem = f"{task}_{res.series.series_uid[-12:]}_{n:04d}"
             dcm = write_dicom(ds, out / "dicom" / f"{stem}.dcm")
-            png = save_png(item["image"], out / "png" / f"{stem}.png")
+            png = save_png(image, out / "png" / f"{stem}.png")
             record = {"kind": "image", "task": task, "slice": item["slice"], "file": str(dcm.relative_to(out)),
                       "preview": str(png.relative_to(out)), "sop_class": str(ds.SOPClassUID.name),
                       "series_instance_uid": series_uid, "synthetic": True}
@@ -389,6 +425,7 @@ class UniMedVLWriterOperator(Operator):
                     record[key] = item[key]
             records.append(record)
         return records
+
 
 def _at(slice_: int | None, text: str) -> str:
     """Model text for the SR, prefixed with its slice; tabs (not allowed in UT) become spaces."""

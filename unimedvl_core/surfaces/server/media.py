@@ -1,5 +1,5 @@
 """Images in and out of the server: uploads decoded within the size limits, results written as PNG, NumPy or
-DICOM and always labelled synthetic."""
+DICOM and always labelled synthetic, naming the weights (with a demonstration model's notice) in the file."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ...io.medical_io import ImageReadError, MedicalImage, read_image
+from ...io.outputs import label_with_provenance
+from ...io.provenance import Provenance
 from ...io.synthetic import WEIGHTS_KEY
 from ...tasks.registry import TaskResult
 from .settings import Settings
@@ -82,7 +84,8 @@ def header_text(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", " ", text.encode("ascii", "replace").decode("ascii"))
 
 
-def _dicom(image: Image.Image, source: MedicalImage | None, task: str, from_source: bool) -> bytes:
+def _dicom(image: Image.Image, source: MedicalImage | None, task: str, from_source: bool,
+           provenance: Provenance | None) -> bytes:
     if source is None or source.dataset is None:
         raise http_error(400, "output=dicom needs a DICOM input image")
     from pydicom.uid import generate_uid
@@ -90,14 +93,16 @@ def _dicom(image: Image.Image, source: MedicalImage | None, task: str, from_sour
     from ...io.dicom_output import derived_image
 
     ds = derived_image(np.asarray(image.convert("RGB")), source, task, image.info.get("Description", task),
-                       generate_uid(), 9900, from_source=from_source)
+                       generate_uid(), 9900, from_source=from_source, provenance=provenance)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
 
 
-def labelled_png(image: Image.Image) -> bytes:
-    """The image as PNG with its labels (synthetic, task, weights) in text chunks."""
+def labelled_png(image: Image.Image, provenance: Provenance | None = None) -> bytes:
+    """The image as PNG with its labels (synthetic, task, weights; ``provenance`` adds the weights and a
+    demonstration model's notice) in text chunks."""
+    label_with_provenance(image, provenance)
     meta = PngImagePlugin.PngInfo()
     for key, value in image.info.items():
         if isinstance(value, str):
@@ -108,9 +113,13 @@ def labelled_png(image: Image.Image) -> bytes:
 
 
 def image_response(image: Image.Image, output: str, source: MedicalImage | None, task: str,
-                   extra_headers: dict | None = None, from_source: bool = True, notice: str | None = None) -> Response:
+                   extra_headers: dict | None = None, from_source: bool = True,
+                   provenance: Provenance | None = None) -> Response:
     """A generated image with its synthetic labels: the header always, PNG text chunks or DICOM
-    ``SyntheticData`` in the file; the demonstration-model notice in ``X-UniMedVL-Notice``."""
+    ``SyntheticData`` in the file; the weights of ``provenance`` in the file and headers, and a
+    demonstration model's notice in ``X-UniMedVL-Notice``, the PNG text and the DICOM Image Comments."""
+    label_with_provenance(image, provenance)
+    notice = provenance.notice if provenance is not None else None
     headers = {"X-UniMedVL-Synthetic": "YES", "X-UniMedVL-Task": task,
                "X-UniMedVL-Description": header_text(image.info.get("Description", ""))[:500],
                "X-UniMedVL-Weights": header_text(image.info.get(WEIGHTS_KEY, ""))[:300],
@@ -120,15 +129,18 @@ def image_response(image: Image.Image, output: str, source: MedicalImage | None,
         np.save(buf, np.asarray(image))
         return Response(buf.getvalue(), media_type="application/x-npy", headers=headers)
     if output == "dicom":
-        return Response(_dicom(image, source, task, from_source), media_type="application/dicom", headers=headers)
+        return Response(_dicom(image, source, task, from_source, provenance), media_type="application/dicom",
+                        headers=headers)
     return Response(labelled_png(image), media_type="image/png", headers=headers)
 
 
 def result_response(result: TaskResult, output: str, source: MedicalImage | None,
-                    notice: str | None = None) -> Response:
-    """Any task's result: JSON for text only, else the image with the text (an explanation) in a header."""
+                    provenance: Provenance | None = None) -> Response:
+    """Any task's result: JSON for text only (with a demonstration model's notice), else the image with the
+    text (an explanation) in a header; ``provenance``: the weights of the model that made it."""
     if result.image is None:
+        notice = provenance.notice if provenance is not None else None
         return JSONResponse({"task": result.task, "text": result.text, "image": None, "notice": notice})
     headers = {"X-UniMedVL-Explanation": header_text(result.text)[:2000]} if result.text else None
     return image_response(result.image, output, source, result.task, headers, from_source=source is not None,
-                          notice=notice)
+                          provenance=provenance)

@@ -32,7 +32,7 @@ def _generate_params(runner: Runner, task: Task, req: BaseModel) -> tuple[dict, 
 def _generate(task: Task, /, *, req: Any, runner: RunnerDep):
     """Generate an image from a description; labelled synthetic."""
     params, output = _generate_params(runner, task, req)
-    return result_response(runner.run(task, None, params), output, None, runner.notice)
+    return result_response(runner.run(task, None, params), output, None, runner.model.provenance)
 
 
 def _job_generate(task: Task, /, *, req: Any, runner: RunnerDep):
@@ -51,7 +51,7 @@ def _image_to_image(task: Task, /, *, runner: RunnerDep, settings: SettingsDep, 
     """Run the task; the counterfactual's explanation comes in ``X-UniMedVL-Explanation``."""
     params = runner.resolve(task, _values(values, params))
     src = load_upload(image, settings)
-    return result_response(runner.run(task, src, params), output, src, runner.notice)
+    return result_response(runner.run(task, src, params), output, src, runner.model.provenance)
 
 
 def _job_image_to_image(task: Task, /, *, runner: RunnerDep, settings: SettingsDep, image: UploadFile = IMAGE,

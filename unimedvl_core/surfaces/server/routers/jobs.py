@@ -58,4 +58,4 @@ def job_result(job: JobDep, model: ModelDep):
         status = 422 if isinstance(job.result, ValueError) else 409
         raise http_error(status, f"job {job.id} {job.status}: {job.error or job.status}")
     return result_response(job.result, job.meta.get("output", "png"), job.meta.get("source"),
-                           model.provenance.notice)
+                           model.provenance)

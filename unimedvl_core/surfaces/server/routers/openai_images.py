@@ -62,7 +62,8 @@ def _resolve(runner: Runner, task: Task, values: dict, size: str | None) -> dict
 
 
 def _answer(runner: Runner, task: Task, results: list[TaskResult]) -> ImagesResponse:
-    data = [ImageData(b64_json=base64.b64encode(labelled_png(r.image)).decode()) for r in results]
+    provenance = runner.model.provenance
+    data = [ImageData(b64_json=base64.b64encode(labelled_png(r.image, provenance)).decode()) for r in results]
     return ImagesResponse(created=int(time.time()), data=data, task=task.name, explanation=results[0].text,
                           weights=runner.model.provenance.short, notice=runner.notice)
 

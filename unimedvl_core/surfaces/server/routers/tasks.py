@@ -43,7 +43,7 @@ def run_task(name: str, runner: RunnerDep, registry: RegistryDep, settings: Sett
     """Run a task: ``{"task", "text", "image": null}`` for a text result, else the image (labelled
     synthetic) with any text in ``X-UniMedVL-Explanation``."""
     task, src, values = _request(runner, registry, settings, name, image, params)
-    return result_response(runner.run(task, src, values), output, src, runner.notice)
+    return result_response(runner.run(task, src, values), output, src, runner.model.provenance)
 
 
 @router.post("/v1/jobs/tasks/{name}", status_code=202, response_model=JobInfo)

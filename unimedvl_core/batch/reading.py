@@ -1,0 +1,41 @@
+"""The CPU step of a batch job (run in Ray tasks, apart from the model): read a row's images (DICOM with
+windowing, NIfTI, PNG; bytes from Parquet), so the model actors only run the model. A row that cannot be
+read keeps its reason and goes on to be recorded as failed."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+from PIL import Image
+
+from ..io.medical_io import MedicalImage, read_image
+from .sources import Row
+
+__all__ = ["load_images", "read_step"]
+
+
+def _load_one(value: Any, row: Row, window) -> MedicalImage:
+    if isinstance(value, (bytes, bytearray)):
+        with Image.open(io.BytesIO(value)) as img:
+            return read_image(img.convert("RGB"))
+    return read_image(value, frame=row.frame, window=window, series_uid=row.series_uid)
+
+
+def load_images(row: Row, window=None) -> list[MedicalImage]:
+    """The row's images, read and windowed; raises ``ImageReadError`` (or PIL's errors) naming the file."""
+    return [_load_one(value, row, window) for value in row.images]
+
+
+def read_step(item: dict, window=None) -> dict:
+    """``{"id", "payload"}`` -> the same with ``(row, images)`` pickled in ``payload``; a row that cannot
+    be read carries its reason in ``row.error``."""
+    row: Row = pickle.loads(item["payload"])
+    images: list[MedicalImage] = []
+    if row.error is None:
+        try:
+            images = load_images(row, window)
+        except Exception as err:  # an unreadable input is that row's failure, not the job's
+            row.error = f"{type(err).__name__}: {err}".splitlines()[0]
+    return {"id": item["id"], "payload": pickle.dumps((row, images))}

@@ -1,7 +1,7 @@
 """8-bit and 4-bit weights through torchao (docs/quantization.md).
 
 Only the Linear layers of the decoder layers are quantised: both experts' attention projections (q, k, v,
-o) and MLPs (gate, up, down), 97 % of the released model's transformer weights. Norms, embeddings, the text
+o) and MLPs (gate, up, down), 13.05B of the released model's 14.6B parameters (89 %). Norms, embeddings, the text
 head, the ViT, the small generation heads and the VAE stay in the load dtype: together they are a few GB at
 the released geometry, the head and embeddings decide every token, and the VAE decides every pixel.
 

@@ -11,8 +11,9 @@ import logging
 
 # transformers imports torchao whenever it is installed (the quantization extra); on a machine without the
 # GPUs its prebuilt kernels target, torchao logs one warning per kernel library and torch one per enum it
-# registers. Neither is actionable, and surfaces promise one clear line on stderr.
-for _noisy in ("torchao", "torch.utils._pytree"):
+# registers; diffusers warns that it cannot register torchao tensors for torch.load (we load safetensors only).
+# None is actionable, and surfaces promise one clear line on stderr.
+for _noisy in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"

@@ -45,7 +45,7 @@ def check_quantization(mode: str | None, device: torch.device) -> None:
     try:
         import torchao  # noqa: F401
     except ImportError as err:
-        raise QuantizationError(f"quantization={mode!r} needs torchao: pip install 'unimedvl[quantization]'") from err
+        raise QuantizationError(f"quantization={mode!r} needs torchao: pip install 'unimedvl-core[quantization]'") from err
     if mode == "fp8":
         if device.type != "cuda":
             raise QuantizationError(f"quantization='fp8' needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper); "

@@ -1,7 +1,7 @@
 """Multi-turn understanding: a conversation's earlier turns are held in the context, so a follow-up question
 ("and on the left?") is read with the images, questions and answers before it.
 
-Each turn becomes the blocks a single-turn answer uses (docs/token-layout.md#understanding): a system turn
+Each turn becomes the blocks a single-turn answer uses (docs/token-layout.md#conversations): a system turn
 is one text block; a user turn is its image blocks, then its text block; an assistant turn is its text
 block, the same ``<|im_start|> text <|im_end|>`` the model wrote when it decoded that answer. The last turn
 is the user's, and decoding starts after it. A one-turn conversation is exactly ``UniMedVL.answer``.

@@ -56,3 +56,10 @@ def test_system_turn_is_a_leading_text_block(tiny_model):
 def test_bad_conversations_are_refused(tiny_model, messages, match):
     with pytest.raises(ValueError, match=match):
         tiny_model.chat(messages)
+
+
+def test_a_conversation_longer_than_the_context_is_refused(tiny_model):
+    limit = tiny_model.model.language_model.config.max_position_embeddings
+    turns = [{"role": "user", "content": "word " * 1000}, {"role": "assistant", "content": "ok"}] * (limit // 1000)
+    with pytest.raises(ValueError, match="more than the model's context"):
+        tiny_model.chat([*turns, {"role": "user", "content": "and?"}], max_new_tokens=2)

@@ -151,6 +151,8 @@ def test_sampling_follows_temperature_and_seed(client, model):
     ({"n": 2}, "n"),
     ({"extra_body": {"logprobs": True}}, "logprobs"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * 64
+      + [{"role": "user", "content": "z"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
      "messages.0.content.0.image_url"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"

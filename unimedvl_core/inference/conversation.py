@@ -81,6 +81,10 @@ class ConversationPipeline:
         texts = [len(ids) for kind, ids in blocks if kind == "text"]
         images = [vit_token_count(self.parts, t) for kind, t in blocks if kind == "image"]
         capacity = TokenLayout.planned_length(text=texts, images=images, extra=1 + max_new_tokens)
+        limit = self.parts.model.language_model.config.max_position_embeddings
+        if capacity > limit:  # the cache is allocated for the whole conversation up front
+            raise ValueError(f"the conversation needs {capacity} tokens with its answer, more than the model's "
+                             f"context of {limit}; drop earlier turns or images")
         context = Context(self.parts.model, self.parts.special, capacity)
         for kind, value in blocks[:-1]:
             if kind == "image":

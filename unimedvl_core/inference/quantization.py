@@ -43,9 +43,15 @@ def check_quantization(mode: str | None, device: torch.device) -> None:
     if mode not in QUANTIZATION_MODES:
         raise QuantizationError(f"unknown quantization {mode!r}; use one of {', '.join(QUANTIZATION_MODES)}")
     try:
-        import torchao  # noqa: F401
+        import torchao
     except ImportError as err:
-        raise QuantizationError(f"quantization={mode!r} needs torchao: pip install 'unimedvl-core[quantization]'") from err
+        raise QuantizationError(f"quantization={mode!r} needs torchao: "
+                                f"pip install 'unimedvl-core[quantization]'") from err
+    try:  # the entry points moved between torchao releases: fail here, before any weight is read
+        _nf4_converter() if mode == "nf4" else _torchao_config(mode)
+    except ImportError as err:
+        raise QuantizationError(f"quantization={mode!r} needs torchao >= 0.18 (installed: {torchao.__version__}): "
+                                f"pip install -U 'unimedvl-core[quantization]'") from err
     if mode == "fp8":
         if device.type != "cuda":
             raise QuantizationError(f"quantization='fp8' needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper); "
@@ -80,13 +86,18 @@ def _torchao_config(mode: str):
     return Float8WeightOnlyConfig(set_inductor_config=False)
 
 
+def _nf4_converter():
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    return to_nf4
+
+
 def quantize_linear(linear: nn.Linear, mode: str) -> bool:
     """Replace ``linear.weight`` by its quantised form in place (on the weight's device). Returns False
     (weight left as it is) for an nf4 weight whose size is not a whole number of 64-value blocks."""
     weight = linear.weight.detach()
     if mode == "nf4":
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
-
+        to_nf4 = _nf4_converter()
         if weight.numel() % NF4_BLOCK:
             return False
         scaler = _nf4_scaler_block(weight.numel() // NF4_BLOCK)

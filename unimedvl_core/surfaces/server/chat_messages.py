@@ -48,7 +48,8 @@ def _local_file(url: str, settings: Settings) -> MedicalImage:
     if not path.is_file():  # the path is not repeated: file names may name patients
         raise OpenAIHTTPError(400, "image_url: no such file in the folder this server may read")
     with path.open("rb") as handle:
-        return decode_upload(handle.read(settings.max_upload_bytes + 1), path.name, settings)
+        # a neutral name in errors: file names may name patients
+        return decode_upload(handle.read(settings.max_upload_bytes + 1), "image" + path.suffix, settings)
 
 
 def image_from_url(url: str, settings: Settings) -> MedicalImage:

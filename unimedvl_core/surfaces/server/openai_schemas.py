@@ -17,6 +17,9 @@ __all__ = ["ImageURL", "TextPart", "ImagePart", "ChatMessage", "ChatRequest", "C
            "ChunkDelta", "ChunkChoice", "ChatChunk", "ModelCard", "ModelList", "ImageData", "ImagesResponse",
            "ErrorBody", "ErrorResponse", "IMAGE_SIZE_PATTERN"]
 
+# A conversation is prefilled whole into one KV cache: bound it before it is queued (the model also refuses
+# a conversation longer than its context).
+MAX_MESSAGES = 128
 IMAGE_SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
 
 
@@ -56,7 +59,8 @@ class StreamOptions(_Request):
 
 class ChatRequest(_Request):
     model: str = Field(description="the served model id (GET /v1/models)")
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES,
+                                        description=f"the conversation, at most {MAX_MESSAGES} messages")
     max_tokens: int | None = Field(None, description="most tokens to generate (registry: vqa max_new_tokens)")
     max_completion_tokens: int | None = Field(None, description="the same as max_tokens (newer clients)")
     temperature: float | None = Field(None, description="> 0 samples at this temperature; 0 or unset decodes "

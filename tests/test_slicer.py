@@ -145,6 +145,25 @@ def test_conversation_through_the_server(logic, scene):
     assert [t.role for t in logic.conversation.turns] == ["user", "assistant", "user", "assistant"]
 
 
+def test_cancel_closes_a_streaming_remote_answer(logic, scene):
+    """Cancel stops reading the server's stream (the server then stops decoding) and nothing lands; the
+    server is free for the next question."""
+    volume, _ = make_volume(scene)
+    pieces, cancel = [], threading.Event()
+
+    def on_text(piece):
+        pieces.append(piece)
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        logic.ask(volume, 1, _report_question()[0]["content"], max_new_tokens=24, on_text=on_text,
+                  cancel=cancel.is_set)
+    assert len(pieces) == 1 and logic.conversation.turns == []
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTextNode") == 0
+    answer, _ = logic.ask(volume, 1, "Is there a lesion?", max_new_tokens=4)
+    assert answer and len(logic.conversation.turns) == 2
+
+
 def test_questions_go_to_the_server_in_the_openai_format(scene):
     import base64
     import io

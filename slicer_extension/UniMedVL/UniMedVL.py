@@ -280,15 +280,12 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._set_busy(False, "done")
             with slicer.util.tryWithErrorDisplay("Could not add the result to the scene."):
                 done(value)
-        elif kind == "cancelled":  # nothing lands; a cancelled question is dropped
-            self._set_busy(False, "cancelled")
+        else:  # failed or cancelled: nothing lands, an unanswered question is dropped
+            self._set_busy(False, "cancelled" if kind == "cancelled" else f"failed: {value}")
             if failed is not None:
                 failed()
-        else:
-            self._set_busy(False, f"failed: {value}")
-            if failed is not None:
-                failed()
-            slicer.util.errorDisplay(str(value))
+            if kind == "error":
+                slicer.util.errorDisplay(str(value))
         self._update_gui()
 
     def _stop_job(self) -> bool:

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -28,7 +29,7 @@ vtk = pytest.importorskip("vtk")
 
 from UniMedVLLib.backends import LocalBackend, RemoteBackend, missing_local_requirements, shipped_module  # noqa: E402
 from UniMedVLLib.conversation import Conversation  # noqa: E402
-from UniMedVLLib.jobs import BackgroundJob  # noqa: E402
+from UniMedVLLib.jobs import BackgroundJob, JobBusy, JobSlot  # noqa: E402
 from UniMedVLLib.logic import (  # noqa: E402
     NOTICE_ATTRIBUTE,
     SYNTHETIC_ATTRIBUTE,
@@ -142,6 +143,25 @@ def test_conversation_through_the_server(logic, scene):
     second, node = logic.ask(volume, 2, "And here?", max_new_tokens=6)
     assert "".join(pieces) == first and node.GetText() == f"Q: And here?\nA: {second}"
     assert [t.role for t in logic.conversation.turns] == ["user", "assistant", "user", "assistant"]
+
+
+def test_cancel_closes_a_streaming_remote_answer(logic, scene):
+    """Cancel stops reading the server's stream (the server then stops decoding) and nothing lands; the
+    server is free for the next question."""
+    volume, _ = make_volume(scene)
+    pieces, cancel = [], threading.Event()
+
+    def on_text(piece):
+        pieces.append(piece)
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        logic.ask(volume, 1, _report_question()[0]["content"], max_new_tokens=24, on_text=on_text,
+                  cancel=cancel.is_set)
+    assert len(pieces) == 1 and logic.conversation.turns == []
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTextNode") == 0
+    answer, _ = logic.ask(volume, 1, "Is there a lesion?", max_new_tokens=4)
+    assert answer and len(logic.conversation.turns) == 2
 
 
 def test_questions_go_to_the_server_in_the_openai_format(scene):
@@ -272,8 +292,6 @@ def test_the_demo_models_notice_goes_with_its_outputs(scene, tmp_path):
 
 
 def test_loading_runs_off_the_calling_thread_with_progress():
-    import threading
-
     from UniMedVLLib.backends import load_local_backend
 
     caller = threading.get_ident()
@@ -295,8 +313,7 @@ def test_loading_runs_off_the_calling_thread_with_progress():
 
 
 def test_a_job_hears_cancel_and_streams_text():
-    import threading
-
+    """A cancelled job ends "cancelled" even when its work returns a result: the result never lands."""
     started = threading.Event()
 
     def work(progress, cancelled, text):
@@ -304,12 +321,135 @@ def test_a_job_hears_cancel_and_streams_text():
         started.set()
         while not cancelled():
             threading.Event().wait(0.01)
+        text("after cancel")
         return "stopped"
 
     job = BackgroundJob(work).start()
     started.wait(5)
     job.cancel()
-    assert job.wait(timeout=5) == [("text", "a"), ("done", "stopped")]
+    assert job.wait(timeout=5) == [("text", "a"), ("cancelled", None)]
+
+
+def _report_question() -> list[dict]:
+    """A question the embedded model answers at length (a report), as a one-turn conversation."""
+    image = np.zeros((64, 48), np.uint8)
+    image[20:40, 10:30], image[28:32, 18:22] = 100, 230
+    return [{"role": "user", "content": shipped_module("inference.prompts").report_prompt(None), "images": [image]}]
+
+
+def _pieces(logic, cancel) -> list[str]:
+    pieces = []
+    logic.compute_answer(_report_question(), 24, pieces.append, cancel)
+    return pieces
+
+
+def test_cancel_stops_a_streaming_local_answer_and_nothing_lands(embedded_model, scene):
+    logic = UniMedVLLogic(LocalBackend(embedded_model))
+    assert len(_pieces(logic, None)) > 4  # uncancelled, the answer streams on
+    streamed = []
+
+    def work(progress, cancelled, text):
+        def on_text(piece):  # the user presses Cancel as the first piece shows
+            streamed.append(piece)
+            text(piece)
+            job.cancel()
+
+        return logic.compute_answer(_report_question(), 24, on_text, cancelled)
+
+    job = BackgroundJob(work)
+    events = job.start().wait(timeout=60)
+    assert len(streamed) == 1 and events == [("text", streamed[0]), ("cancelled", None)]
+    # through ask: the cancelled question leaves the conversation and the scene as they were
+    volume, _ = make_volume(scene)
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        logic.ask(volume, 1, _report_question()[0]["content"], max_new_tokens=24,
+                  on_text=lambda piece: cancel.set(), cancel=cancel.is_set)
+    assert logic.conversation.turns == [] and scene.GetNumberOfNodesByClass("vtkMRMLTextNode") == 0
+    asked = []  # a report asks at the model's turn and then at every decoded piece
+    with pytest.raises(Cancelled):
+        logic.compute_report(_report_question()[0]["images"][0], 24, lambda: asked.append(1) or len(asked) >= 3)
+    assert len(asked) == 3
+
+
+def test_two_threads_never_run_the_local_model_at_once(embedded_model, monkeypatch):
+    """A second call waits for the first (the model's decoding workspaces are shared); a call cancelled while
+    waiting gives up without touching the model."""
+    backend = LocalBackend(embedded_model)
+    inside, peak, entries = [0], [0], []
+    entered_twice = threading.Event()
+    real_chat = embedded_model.chat
+
+    def counting_chat(*args, **kwargs):
+        inside[0] += 1
+        peak[0] = max(peak[0], inside[0])
+        entries.append(threading.current_thread().name)
+        if len(entries) == 2:
+            entered_twice.set()
+        try:
+            return real_chat(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(embedded_model, "chat", counting_chat)
+    results = {}
+
+    def call(name, cancel=None):
+        try:
+            results[name] = backend.chat(_report_question(), 12, None, cancel)
+        except Cancelled:
+            results[name] = "cancelled"
+
+    others = [threading.Thread(target=call, args=("second",), name="second"),
+              threading.Thread(target=call, args=("gave up", lambda: True), name="gave up")]
+
+    def first_piece(piece):
+        if others[0].ident is None:  # at the first piece, while this call holds the model
+            for thread in others:
+                thread.start()
+            others[1].join(10)  # the cancelled waiter gives up while the first call holds the model
+            entered_twice.wait(1)  # without the lock the second call would be inside by now
+
+    results["first"] = backend.chat(_report_question(), 12, first_piece)
+    others[0].join(60)
+    assert peak[0] == 1 and entries == [threading.current_thread().name, "second"]
+    assert results["gave up"] == "cancelled" and results["first"] == results["second"] != "cancelled"
+
+
+def test_one_job_at_a_time_even_after_a_stop():
+    """Stopping (scene close) cancels and drops the job; while its thread still runs no job starts."""
+    release = threading.Event()
+    slot = JobSlot()
+    slot.start(lambda progress, cancelled, text: release.wait(30) and "first")  # hears no cancel
+    with pytest.raises(JobBusy, match="another UniMedVL job is running"):
+        slot.start(lambda progress, cancelled, text: "second")
+    assert slot.stop(timeout=0.05) is False and slot.job is None and slot.poll() == []
+    with pytest.raises(JobBusy, match="still stopping"):
+        slot.start(lambda progress, cancelled, text: "second")
+    release.set()
+    assert slot.stop() is True and slot.refusal() is None
+    assert slot.start(lambda progress, cancelled, text: "second").wait(5) == [("done", "second")]
+    assert slot.poll() == [] and slot.job is None and slot.refusal() is None  # polled to the end: let go
+
+
+def test_scene_close_stops_a_streaming_local_job_and_waits_for_it(embedded_model):
+    logic = UniMedVLLogic(LocalBackend(embedded_model))
+    slot, streamed, first = JobSlot(), [], threading.Event()
+
+    def work(progress, cancelled, text):
+        def on_text(piece):
+            streamed.append(piece)
+            first.set()
+            while not cancelled():  # hold decoding here until the close has cancelled the job
+                threading.Event().wait(0.01)
+
+        return logic.compute_answer(_report_question(), 24, on_text, cancelled)
+
+    job = slot.start(work)
+    assert first.wait(60)
+    assert slot.stop() is True  # the close returns once the thread has ended
+    assert not job.running and len(streamed) == 1 and slot.poll() == []
+    assert slot.start(lambda progress, cancelled, text: "next").wait(5)[-1] == ("done", "next")
 
 
 # ----- settings and conversation saved with the scene -----

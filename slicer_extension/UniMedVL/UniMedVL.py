@@ -24,7 +24,7 @@ from slicer.util import VTKObservationMixin
 from UniMedVLLib import logic as core
 from UniMedVLLib.backends import LOCAL_PACKAGE, RemoteBackend, load_local_backend, missing_local_requirements
 from UniMedVLLib.conversation import Conversation
-from UniMedVLLib.jobs import BackgroundJob
+from UniMedVLLib.jobs import BackgroundJob, JobBusy, JobSlot
 from UniMedVLLib.parameters import BACKENDS, SETTINGS, checkpoint_folder, parameter_node_class
 
 
@@ -70,7 +70,7 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
+        self._jobs = JobSlot()  # one job at a time: the local model is shared
         self._on_done = self._on_failed = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
@@ -109,7 +109,9 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
-        self._stop_job()  # a result arriving after the close must not land in the next scene
+        # a result arriving after the close must not land in the next scene; the thread is waited for
+        stopped = self._stop_job()
+        self._set_busy(False, "" if stopped else "the cancelled job is still stopping")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -143,7 +145,7 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.checkpointPath.enabled = not remote
         self._select(self.ui.taskCombo, p.task)
         self._select(self.ui.scaleCombo, p.scale)
-        if self._job is None:  # while an answer streams in, the panel shows it as it comes
+        if self._jobs.job is None:  # while an answer streams in, the panel shows it as it comes
             self._show_conversation()
 
     @staticmethod
@@ -250,17 +252,19 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _run(self, label: str, work, done, failed=None):
         """``work(progress, cancelled, text)`` on a worker thread; ``done(result)`` or ``failed()`` here."""
-        if self._job is not None:
+        try:
+            self._jobs.start(work)
+        except JobBusy as err:
+            if failed is not None:
+                failed()
+            self.ui.statusLabel.text = str(err)
             return
-        self._job, self._on_done, self._on_failed = BackgroundJob(work).start(), done, failed
+        self._on_done, self._on_failed = done, failed
         self._set_busy(True, label)
         self._timer.start()
 
     def _poll(self):
-        job = self._job
-        if job is None:
-            return
-        for kind, value in job.poll():
+        for kind, value in self._jobs.poll():
             if kind == "progress":
                 self.ui.progressBar.maximum, self.ui.progressBar.value = max(value[1], 1), value[0]
             elif kind == "text":
@@ -276,23 +280,28 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._set_busy(False, "done")
             with slicer.util.tryWithErrorDisplay("Could not add the result to the scene."):
                 done(value)
-        else:
-            self._set_busy(False, f"failed: {value}")
+        else:  # failed or cancelled: nothing lands, an unanswered question is dropped
+            self._set_busy(False, "cancelled" if kind == "cancelled" else f"failed: {value}")
             if failed is not None:
                 failed()
-            slicer.util.errorDisplay(str(value))
+            if kind == "error":
+                slicer.util.errorDisplay(str(value))
         self._update_gui()
 
-    def _stop_job(self):
+    def _stop_job(self) -> bool:
+        """Cancels the running job, drops its result and waits a while for its thread (True once ended)."""
         self._timer.stop()
-        if self._job is not None:
-            self._job.cancel()
-        self._job = self._on_done = self._on_failed = None
+        self._on_done = self._on_failed = None
+        return self._jobs.stop()
 
     def _ready(self) -> bool:
+        refusal = self._jobs.refusal()
+        if refusal is not None:
+            self.ui.statusLabel.text = refusal
+            return False
         if self.logic.core.backend is None:
             self.onConnect()
-        return self.logic.core.backend is not None and self._job is None
+        return self.logic.core.backend is not None and self._jobs.job is None
 
     def _volume_and_slice(self):
         volume = self._parameterNode.inputVolume
@@ -327,8 +336,8 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 conversation.drop_unanswered()
                 p.conversation = conversation.to_json()
 
-            self._run("answering...", lambda progress, cancelled, text: logic.compute_answer(messages, None, text),
-                      done, failed)
+            self._run("answering...", lambda progress, cancelled, text: logic.compute_answer(
+                messages, None, text, cancelled), done, failed)
 
     def onClearChat(self):
         self._parameterNode.conversation = ""
@@ -345,7 +354,8 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node = logic.add_text_node(slicer.mrmlScene, f"UniMedVL draft report (slice {k})", text)
                 self.ui.chatBrowser.append(f"\nDraft report (slice {k}, AI-generated):\n{node.GetText()}\n")
 
-            self._run("drafting the report...", lambda progress, cancelled, text: logic.compute_report(image), done)
+            self._run("drafting the report...", lambda progress, cancelled, text: logic.compute_report(
+                image, None, cancelled), done)
 
     def _generation_params(self):
         p = self._parameterNode
@@ -392,8 +402,8 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 task, image, params, progress, cancelled), done)
 
     def onCancel(self):
-        if self._job is not None:
-            self._job.cancel()
+        if self._jobs.job is not None:
+            self._jobs.cancel()
             self.ui.statusLabel.text = "cancelling..."
 
 

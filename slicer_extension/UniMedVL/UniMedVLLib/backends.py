@@ -10,12 +10,14 @@ are used, so there is one source of truth and no hand-kept copy.
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import numpy as np
 
 __all__ = ["RemoteBackend", "LocalBackend", "openai_messages", "shipped_module", "SHIPPED", "LOCAL_PACKAGE",
-           "missing_local_requirements", "load_local_backend"]
+           "missing_local_requirements", "load_local_backend", "check_cancel"]
 
 # unimedvl-core module -> the copy the build puts next to this file
 SHIPPED = {"surfaces.client": "unimedvl_client", "inference.prompts": "unimedvl_prompts"}
@@ -24,6 +26,7 @@ LOCAL_PACKAGE = "unimedvl-core"
 
 Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool]
+LOCK_POLL_S = 0.1  # how often a call waiting for the model asks whether it was cancelled
 
 
 def shipped_module(name: str):
@@ -71,18 +74,27 @@ class RemoteBackend:
     def tasks(self) -> dict:
         return self.client.tasks()
 
-    def chat(self, messages: list[dict], max_new_tokens: int | None, on_text: Callable[[str], None] | None) -> str:
+    def chat(self, messages: list[dict], max_new_tokens: int | None, on_text: Callable[[str], None] | None,
+             cancel: Cancel | None = None) -> str:
         """The conversation (``{"role", "content", "images"}`` messages, as ``UniMedVL.chat`` takes them)
-        through the server's OpenAI-compatible chat route, streamed piece by piece to ``on_text``."""
+        through the server's OpenAI-compatible chat route, streamed piece by piece to ``on_text``. On
+        ``cancel`` the stream is closed (the server then stops decoding) and ``Cancelled`` raised."""
         wire = openai_messages(messages, shipped_module("surfaces.client").data_url)
         pieces = []
-        for piece in self.client.chat(wire, max_tokens=max_new_tokens, stream=True):
-            pieces.append(piece)
-            if on_text is not None:
-                on_text(piece)
+        stream = self.client.chat(wire, max_tokens=max_new_tokens, stream=True)
+        try:
+            for piece in stream:
+                check_cancel(cancel)
+                pieces.append(piece)
+                if on_text is not None:
+                    on_text(piece)
+        finally:
+            stream.close()
         return "".join(pieces)
 
-    def report(self, image: np.ndarray, max_new_tokens: int | None) -> str:
+    def report(self, image: np.ndarray, max_new_tokens: int | None, cancel: Cancel | None = None) -> str:
+        # one request: a cancel during it is heard when it returns (BackgroundJob then drops the report)
+        check_cancel(cancel)
         return self.client.report(image, max_new_tokens=max_new_tokens)
 
     def generate(self, prompt: str, params: dict, progress: Progress | None, cancel: Cancel | None) -> np.ndarray:
@@ -96,11 +108,16 @@ class RemoteBackend:
 
 
 class LocalBackend:
-    """A loaded model in Slicer's own Python; every call runs a task of the registry, as the server does."""
+    """A loaded model in Slicer's own Python; every call runs a task of the registry, as the server does.
+
+    The model's decoding workspaces are shared, so calls that run it hold a lock: a second caller (another
+    thread, the Python console) waits for the first, or gives up with ``Cancelled`` when it is cancelled
+    while waiting. Every call takes ``cancel() -> bool``, asked at each decoded piece or sampling step."""
 
     def __init__(self, model):
         self.model = model
         self.model.progress = False
+        self._lock = threading.Lock()
 
     def info(self) -> dict:
         m = self.model
@@ -114,30 +131,42 @@ class LocalBackend:
 
         return TASKS.describe(ModelLimits.of(self.model.config))
 
-    def _run(self, task: str, image, params: dict, progress=None, cancel=None):
+    @contextmanager
+    def _model_turn(self, cancel: Cancel | None):
+        """Holds the model for one call, waiting for an earlier call to end (cancellable while waiting)."""
+        while not self._lock.acquire(timeout=LOCK_POLL_S):
+            check_cancel(cancel)
+        try:
+            check_cancel(cancel)
+            yield self.model
+        finally:
+            self._lock.release()
+
+    def _run(self, task: str, image, params: dict, progress=None, cancel=None, on_text=None):
         from unimedvl_core.tasks.catalog import TASKS
         from unimedvl_core.tasks.registry import RunOptions
 
-        return TASKS.get(task).run(self.model, image, params, RunOptions(callback=self._callback(progress, cancel)))
+        options = RunOptions(callback=self._callback(progress, cancel), streamer=_streamer(on_text, cancel))
+        with self._model_turn(cancel) as model:
+            return TASKS.get(task).run(model, image, params, options)
 
     @staticmethod
     def _callback(progress, cancel):
-        from unimedvl_core.surfaces.server.worker import JobCancelled
-
         def callback(step, total):
             if progress is not None:
                 progress(step, total)
-            if cancel is not None and cancel():
-                raise JobCancelled("cancelled")
+            check_cancel(cancel)
 
         return callback
 
-    def chat(self, messages, max_new_tokens, on_text):
-        return self.model.chat(messages, streamer=on_text, **({"max_new_tokens": max_new_tokens} if max_new_tokens
-                                                               else {}))
+    def chat(self, messages, max_new_tokens, on_text, cancel=None):
+        decoding = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+        with self._model_turn(cancel) as model:
+            return model.chat(messages, streamer=_streamer(on_text, cancel), **decoding)
 
-    def report(self, image, max_new_tokens):
-        return self._run("report", image, {"max_new_tokens": max_new_tokens} if max_new_tokens else {}).text
+    def report(self, image, max_new_tokens, cancel=None):
+        params = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+        return self._run("report", image, params, cancel=cancel).text
 
     def generate(self, prompt, params, progress, cancel):
         return np.asarray(self._run("text_to_image", None, {**params, "prompt": prompt}, progress, cancel).image)
@@ -145,6 +174,25 @@ class LocalBackend:
     def image_task(self, task, image, params, progress, cancel):
         result = self._run(task, image, params, progress, cancel)
         return np.asarray(result.image), result.text
+
+
+def check_cancel(cancel: Cancel | None) -> None:
+    """Raises the client's ``Cancelled`` when ``cancel()`` says so: how a running call stops."""
+    if cancel is not None and cancel():
+        raise shipped_module("surfaces.client").Cancelled("cancelled")
+
+
+def _streamer(on_text: Callable[[str], None] | None, cancel: Cancel | None) -> Callable[[str], None] | None:
+    """The model's text streamer: stops decoding (raises) once cancelled, else hands the piece on."""
+    if on_text is None and cancel is None:
+        return None
+
+    def streamer(piece: str) -> None:
+        check_cancel(cancel)
+        if on_text is not None:
+            on_text(piece)
+
+    return streamer
 
 
 def load_local_backend(ckpt_dir: str | None = None, device: str | None = None,

@@ -185,13 +185,14 @@ class UniMedVLLogic:
 
     # ----- computations (no scene access) -----
     def compute_answer(self, messages: list[dict], max_new_tokens: int | None = None,
-                       on_text: Callable[[str], None] | None = None) -> str:
+                       on_text: Callable[[str], None] | None = None, cancel: Cancel | None = None) -> str:
         """The answer to the last question of ``messages`` (``Conversation.messages``), with every earlier
-        turn in the model's context."""
-        return self.backend.chat(messages, max_new_tokens, on_text)
+        turn in the model's context. Decoding stops (``Cancelled``) at the first piece after ``cancel()``."""
+        return self.backend.chat(messages, max_new_tokens, on_text, cancel)
 
-    def compute_report(self, image: np.ndarray, max_new_tokens: int | None = None) -> str:
-        return self.backend.report(image, max_new_tokens)
+    def compute_report(self, image: np.ndarray, max_new_tokens: int | None = None,
+                       cancel: Cancel | None = None) -> str:
+        return self.backend.report(image, max_new_tokens, cancel)
 
     def compute_generation(self, prompt: str, params: dict, progress: Progress | None = None,
                            cancel: Cancel | None = None) -> np.ndarray:
@@ -253,22 +254,23 @@ class UniMedVLLogic:
         return node
 
     # ----- one call each, for scripts and tests -----
-    def ask(self, volume_node, k: int, question: str, max_new_tokens: int | None = None, scene=None, on_text=None):
+    def ask(self, volume_node, k: int, question: str, max_new_tokens: int | None = None, scene=None, on_text=None,
+            cancel=None):
         """Asks about slice ``k`` as the next turn of the conversation; the answer is added to it and to a
-        text node. A failed answer leaves the conversation as it was."""
+        text node. A failed or cancelled answer leaves the conversation and the scene as they were."""
         scene = scene or volume_node.GetScene()
         self.conversation.ask(question, volume_node.GetID(), k)
         try:
             answer = self.compute_answer(self.conversation.messages(scene, self.display_slice), max_new_tokens,
-                                         on_text)
+                                         on_text, cancel)
         except BaseException:
             self.conversation.drop_unanswered()
             raise
         self.conversation.answer(answer)
         return answer, self.add_text_node(scene, f"UniMedVL answer (slice {k})", f"Q: {question}\nA: {answer}")
 
-    def report(self, volume_node, k: int, max_new_tokens: int | None = None, scene=None):
-        text = self.compute_report(self.display_slice(volume_node, k), max_new_tokens)
+    def report(self, volume_node, k: int, max_new_tokens: int | None = None, scene=None, cancel=None):
+        text = self.compute_report(self.display_slice(volume_node, k), max_new_tokens, cancel)
         return text, self.add_text_node(scene or volume_node.GetScene(), f"UniMedVL draft report (slice {k})", text)
 
     def generate(self, scene, prompt: str, params: dict | None = None, progress=None, cancel=None):

@@ -348,6 +348,8 @@ def test_row_key_follows_task_params_inputs_and_model(phantoms, tmp_path):
 
     first = keys()
     assert keys() == first  # nothing changed: the row is done
+    assert keys(params={"max_new_tokens": "4"}) == first  # as the CLI gives it: the same resolved value
+    assert model_identity(str(tmp_path) + "/", {"weights": "ema"}) == model_identity(tmp_path, {})
     assert keys(params={"max_new_tokens": 5})["a"] != first["a"]
     assert keys(task="report")["a"] != first["a"]
     assert keys(model="other/ckpt")["a"] != first["a"]

@@ -18,12 +18,16 @@ __all__ = ["row_keys", "model_identity"]
 
 # the load options that change a row's result; the device and residency do not choose what is computed
 _MODEL_OPTIONS = ("revision", "weights", "dtype", "quantization")
+_DEFAULTS = {"weights": "ema"}
 
 
 def model_identity(ckpt, load_options: Mapping[str, Any]) -> dict:
-    """The checkpoint (None: the embedded model) and the load options that change results."""
-    return {"ckpt": None if ckpt is None else str(ckpt),
-            **{k: str(load_options[k]) for k in _MODEL_OPTIONS if load_options.get(k) is not None}}
+    """The checkpoint (None: the embedded model; a folder by its absolute path) and the load options that
+    change results, defaults left out so that the CLI (which names them) and Python (which may not) agree."""
+    given = {k: str(load_options[k]) for k in _MODEL_OPTIONS if load_options.get(k) not in (None, _DEFAULTS.get(k))}
+    if ckpt is not None and Path(ckpt).exists():
+        ckpt = Path(ckpt).resolve()
+    return {"ckpt": None if ckpt is None else str(ckpt), **given}
 
 
 def _stat(path: Path) -> list:

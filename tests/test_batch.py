@@ -430,6 +430,8 @@ def test_hub_id_checkpoint_is_resolved_with_its_revision(hub_cache, tmp_path, ca
 
     expected = ModelLimits.of(UniMedVLConfig.from_dir(PARITY_CKPT))
     assert _check_model(REPO, None) == expected == _check_model(REPO, "v0")
+    with pytest.raises(ValueError, match="applies to a Hub id"):
+        _check_model(None, "v0")
     manifest = _manifest(tmp_path / "m.jsonl", [{"image": "a.png", "question": "q"}])
     for ckpt, revision, message in ((REPO, "v9", f"{REPO}@v9 is not in the Hugging Face cache"),
                                     ("General-Medical-AI/Unknown", None, "not in the Hugging Face cache")):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inference.embedded import DEFAULT_MODEL_DIR
+from ..io.checkpoint import CheckpointError
 from ..io.hub import resolve_config
 from ..io.paths import check_output_location
 from ..modeling.config import UniMedVLConfig
@@ -139,9 +140,12 @@ def _check_params(task: Task, params: Mapping[str, Any]) -> dict:
 def _check_model(ckpt, revision: str | None) -> ModelLimits:
     """The checkpoint's limits; reading its config first fails fast, before any actor starts. A Hub id
     fetches its configuration files only here; each actor then loads the weights at the same revision."""
-    if ckpt is None and revision is None:
+    if ckpt is None:
+        if revision is not None:
+            raise CheckpointError(f"revision={revision!r} applies to a Hub id given as the checkpoint; "
+                                  "the embedded model has none")
         return ModelLimits.of(UniMedVLConfig.from_dir(DEFAULT_MODEL_DIR))
-    return ModelLimits.of(UniMedVLConfig.from_dir(resolve_config(ckpt or DEFAULT_MODEL_DIR, revision)))
+    return ModelLimits.of(UniMedVLConfig.from_dir(resolve_config(ckpt, revision)))
 
 
 def run_batch(task: str, source: str | Path | Sequence[Row], output: str | Path, params: Mapping | None = None,

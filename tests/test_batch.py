@@ -28,6 +28,8 @@ from unimedvl_core.data.phantoms import write_dataset
 from unimedvl_core.io.medical_io import read_image
 from unimedvl_core.tasks.catalog import TASKS
 
+from .test_hub import hub_cache  # noqa: F401  (the offline Hub cache fixture)
+
 ROOT = Path(__file__).parents[1]
 TWO_ACTORS = BatchSettings(num_actors=2, actor_cpus=0.5, batch_size=8, progress=False)
 ONE_ACTOR = BatchSettings(num_actors=1, actor_cpus=1, batch_size=8, progress=False)  # fewer model loads
@@ -308,3 +310,143 @@ def test_long_runs_roll_small_shards_up(tmp_path, monkeypatch):
     latest = later.load()
     assert latest["a"]["status"] == "ok" and len(latest) == 8
     assert len(_records(tmp_path)) == 9  # "a" twice until the run's compaction
+
+
+# ----------------------------------------------------------------------------------------------------------
+# review fixes: resume by row key, series reports, unreadable volumes, Hub ids, a busy output
+
+
+def _limits():
+    from unimedvl_core.inference.embedded import DEFAULT_MODEL_DIR
+    from unimedvl_core.modeling.config import UniMedVLConfig
+    from unimedvl_core.tasks.registry import ModelLimits
+
+    return ModelLimits.of(UniMedVLConfig.from_dir(DEFAULT_MODEL_DIR))
+
+
+def _manifest(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_row_key_follows_task_params_inputs_and_model(phantoms, tmp_path):
+    from unimedvl_core.batch.fingerprint import model_identity, row_keys
+    from unimedvl_core.batch.job import plan_rows
+    from unimedvl_core.batch.sources import read_source
+    from unimedvl_core.surfaces.bundle import write_sample_inputs
+    image = tmp_path / "a.png"
+    Image.open(sorted((phantoms / "images").glob("*_ct.png"))[0]).save(image)
+    folder = tmp_path / "inputs"
+    write_sample_inputs(folder)
+    manifest = _manifest(tmp_path / "m.jsonl", [{"id": "a", "image": str(image), "question": "Lesion?"}])
+
+    def keys(task="vqa", params=None, source=manifest, model=None) -> dict[str, str]:
+        spec = TASKS.get(task)
+        rows = plan_rows(spec, read_source(source, spec), params or {"max_new_tokens": 4}, _limits())
+        row_keys(spec.name, rows, model_identity(model, {}))
+        return {row.id: row.key for row in rows}
+
+    first = keys()
+    assert keys() == first  # nothing changed: the row is done
+    assert keys(params={"max_new_tokens": "4"}) == first  # as the CLI gives it: the same resolved value
+    assert model_identity(str(tmp_path) + "/", {"weights": "ema"}) == model_identity(tmp_path, {})
+    assert keys(params={"max_new_tokens": 5})["a"] != first["a"]
+    assert keys(task="report")["a"] != first["a"]
+    assert keys(model="other/ckpt")["a"] != first["a"]
+    _manifest(manifest, [{"id": "a", "image": str(image), "question": "Any lesion?"}])
+    assert keys()["a"] != first["a"]  # the manifest's content for the id changed
+    edited = keys()
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert keys()["a"] != edited["a"]  # the image file was replaced
+    series = keys("report", {}, folder)
+    (folder / "dicom_ct_series" / "extra.dcm").write_bytes(b"x")  # a file added to the series folder
+    changed = keys("report", {}, folder)
+    assert changed["dicom_ct_series"] != series["dicom_ct_series"]
+    assert changed["ct_phantom.png"] == series["ct_phantom.png"]
+
+
+def test_resume_reruns_rows_of_another_task_or_changed_content(ray_session, phantoms, tmp_path):
+    images = sorted((phantoms / "images").glob("*_ct.png"))[:3]
+    rows = [{"id": f"r{i}", "image": str(p), "question": "Is there a lesion?"} for i, p in enumerate(images)]
+    manifest = _manifest(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "out"
+    first = run_batch("vqa", manifest, out, {"max_new_tokens": 2}, settings=ONE_ACTOR)
+    assert first["ok"] == 3
+    rows[1]["question"] = "Which organ is shown?"
+    _manifest(manifest, rows)
+    again = run_batch("vqa", manifest, out, {"max_new_tokens": 2}, settings=ONE_ACTOR)
+    assert (again["ok"], again["run"]["rows"], again["run"]["skipped_ok"]) == (3, 1, 2)
+    assert {r["id"]: r["params"]["question"] for r in _records(out)}["r1"] == "Which organ is shown?"
+    report = run_batch("report", manifest, out, {"max_new_tokens": 2}, settings=ONE_ACTOR)
+    assert (report["ok"], report["run"]["rows"], report["run"]["skipped_ok"]) == (3, 3, 0)
+    records = _records(out)
+    assert len(records) == 3 and {r["task"] for r in records} == {"report"}  # replaced, one record per row
+
+
+def test_series_report_reads_key_slices_and_a_broken_volume_fails_its_row(ray_session, model, tmp_path):
+    from unimedvl_core.io.medical_io import read_key_slices
+    from unimedvl_core.surfaces.bundle import write_sample_inputs
+
+    folder = tmp_path / "inputs"
+    write_sample_inputs(folder)
+    (folder / "broken.nii.gz").write_bytes(b"not a volume")
+    out = tmp_path / "reports"
+    params = {"series_report": True, "key_slices": 3, "max_new_tokens": 4}
+    summary = run_batch("report", folder, out, params, settings=ONE_ACTOR)
+    records = {r["id"]: r for r in _records(out)}
+    assert (summary["ok"], summary["failed"]) == (4, 1) and records["broken.nii.gz"]["status"] == "failed"
+    assert records["dicom_ct_series"]["frames"] == [0, 1, 2]  # the series, not its middle slice
+    assert records["mr_t2_phantom.nii.gz"]["frames"] == [0, 1, 2]
+    assert records["ct_phantom.png"]["frames"] == [None]  # a 2-D image is its own key slice
+    slices = read_key_slices(str(folder / "dicom_ct_series"), 3)
+    expected = _sequential(model, "report", slices, params, records["dicom_ct_series"]["row"]).text
+    assert records["dicom_ct_series"]["text"] == expected
+
+
+def test_unreadable_volume_is_a_row_error_when_listing_slices(tmp_path):
+    from unimedvl_core.batch.job import plan_rows
+    from unimedvl_core.batch.sources import read_source
+    from unimedvl_core.surfaces.bundle import write_sample_inputs
+
+    write_sample_inputs(tmp_path)
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a volume")
+    rows = {row.id: row for row in read_source(tmp_path, TASKS.get("vqa"), slices="all")}
+    assert rows["broken.nii.gz"].error and "\n" not in rows["broken.nii.gz"].error
+    assert [i for i in rows if i.startswith("mr_t2")] == [f"mr_t2_phantom.nii.gz:{k}" for k in range(3)]
+    assert all(row.error is None for i, row in rows.items() if i != "broken.nii.gz")
+    report = TASKS.get("report")
+    planned = plan_rows(report, read_source(tmp_path, report, slices="all"), {"series_report": True}, _limits())
+    assert all("whole series" in row.error for row in planned if row.frame is not None)
+
+
+def test_hub_id_checkpoint_is_resolved_with_its_revision(hub_cache, tmp_path, capsys):  # noqa: F811
+    from unimedvl_core.batch.job import _check_model
+    from unimedvl_core.modeling.config import UniMedVLConfig
+    from unimedvl_core.surfaces.cli import main
+    from unimedvl_core.tasks.registry import ModelLimits
+
+    from .conftest import PARITY_CKPT
+    from .test_hub import REPO
+
+    expected = ModelLimits.of(UniMedVLConfig.from_dir(PARITY_CKPT))
+    assert _check_model(REPO, None) == expected == _check_model(REPO, "v0")
+    with pytest.raises(ValueError, match="applies to a Hub id"):
+        _check_model(None, "v0")
+    manifest = _manifest(tmp_path / "m.jsonl", [{"image": "a.png", "question": "q"}])
+    for ckpt, revision, message in ((REPO, "v9", f"{REPO}@v9 is not in the Hugging Face cache"),
+                                    ("General-Medical-AI/Unknown", None, "not in the Hugging Face cache")):
+        status = main(["batch", "--task", "vqa", "--input", str(manifest), "--output", str(tmp_path / "o"),
+                       "--ckpt", ckpt, *(["--revision", revision] if revision else [])])
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_busy_output_is_a_usage_error(phantoms, tmp_path, capsys):
+    from unimedvl_core.surfaces.cli import main
+
+    out = tmp_path / "o"
+    with RecordStore(out):  # another job holds the output folder
+        status = main(["batch", "--task", "vqa", "--input", str(phantoms / "vqa64.jsonl"), "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "another batch job" in err and len(err.splitlines()) == 1
+    assert "internal error" not in err

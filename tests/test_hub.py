@@ -3,6 +3,7 @@ for the Python API, the CLI and the bundle; folders keep working; bad names are 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import torch
 
 from unimedvl_core import UniMedVL
 from unimedvl_core.io.checkpoint import CheckpointError
-from unimedvl_core.io.hub import HubError, hub_files, is_hub_id, resolve_checkpoint
-from unimedvl_core.modeling.config import ConfigError
+from unimedvl_core.io.hub import CONFIG_FILES, HubError, hub_files, is_hub_id, resolve_checkpoint, resolve_config
+from unimedvl_core.modeling.config import ConfigError, UniMedVLConfig
+from unimedvl_core.tasks.registry import ModelLimits
 
 from .conftest import PARITY_CKPT
 
@@ -131,3 +133,26 @@ def test_the_map_takes_a_hub_id(hub_cache):
         choose_model(f"{REPO}@v0")  # that snapshot has no weights
     with pytest.raises(ModelFolderError, match="not in the Hugging Face cache"):
         choose_model("org/absent")
+
+
+def test_config_resolution_fetches_no_weights(hub_cache, monkeypatch, capsys):
+    """``unimedvl tasks`` and ``batch`` read a Hub checkpoint's limits from its configuration files only."""
+    import huggingface_hub
+
+    from unimedvl_core.surfaces.cli import main
+
+    config_only = "c" * 40
+    repo = _snapshot(hub_cache, config_only, [f for f in sorted(PARITY_CKPT.iterdir()) if f.name in CONFIG_FILES])
+    (repo / "refs" / "cfg").write_text(config_only)
+    asked, real = [], huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: asked.append(k["allow_patterns"]) or real(*a, **k))
+    folder = resolve_config(REPO, revision="cfg")
+    assert folder.name == config_only and not list(folder.glob("*.safetensors"))
+    assert sorted(asked[-1]) == sorted(CONFIG_FILES)  # no weights, tokenizer or VAE requested
+    assert main(["tasks", "--ckpt", REPO, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["limits"]
+    assert shown == ModelLimits.of(UniMedVLConfig.from_dir(PARITY_CKPT)).describe()
+    assert main(["tasks", "--ckpt", "General-Medical-AI/Unknown"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not in the Hugging Face cache" in err and len(err.splitlines()) == 1

@@ -2,7 +2,8 @@
 
 The pipeline: rows (small: ids, paths, text) -> CPU tasks read the images -> an actor pool of models runs
 the task in batches -> this process writes each batch's records as a shard as soon as it arrives. Rows
-already ``ok`` in the output are skipped, so rerunning the same job resumes it.
+whose record in the output is ``ok`` for the same task, parameters, inputs and model (``fingerprint.py``)
+are skipped, so rerunning the same job resumes it; any other row runs and its new record replaces the old.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from ..inference.embedded import DEFAULT_MODEL_DIR
+from ..io.checkpoint import CheckpointError
+from ..io.hub import resolve_config
 from ..io.paths import check_output_location
 from ..modeling.config import UniMedVLConfig
 from ..tasks.catalog import TASKS
 from ..tasks.params import TaskParameterError
 from ..tasks.registry import ModelLimits, Task
 from .actor import TaskActor
+from .fingerprint import model_identity, row_keys
 from .reading import read_step
 from .records import FAILED, OK, RecordStore
 from .settings import BatchSettings, import_ray
@@ -48,6 +52,9 @@ def plan_rows(task: Task, rows: list[Row], params: Mapping[str, Any], limits: Mo
             resolved = task.resolve({**params, **row.fields}, limits)
         except TaskParameterError as err:
             row.error = str(err)
+            continue
+        if resolved.get("series_report") and row.frame is not None:
+            row.error = "a series report reads the whole series: use slices 'middle' (one row per series)"
             continue
         row.fields = resolved if "seed" in row.fields else task.item_params(resolved, row.index)
     return rows
@@ -108,8 +115,15 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _done(record: dict | None, row: Row) -> bool:
+    """The row's record is ok and was made from what the row is now (same key: task, parameters, inputs,
+    model); a record of an older key is stale and the row runs again."""
+    return record is not None and record.get("status") == OK and record.get("key") == row.key
+
+
 def _summary(rows: list[Row], latest: dict[str, dict], run: dict, extra: dict) -> dict:
-    mine = [latest[row.id] for row in rows if row.id in latest]
+    """Counts over the rows' current records (a stale record, of another key, counts as missing)."""
+    mine = [latest[row.id] for row in rows if row.id in latest and latest[row.id].get("key") == row.key]
     ok = sum(r["status"] == OK for r in mine)
     failures = [{"id": r["id"], "error": r["error"]} for r in mine if r["status"] == FAILED]
     model = next((r["model"] for r in mine if r.get("model")), {})
@@ -123,9 +137,15 @@ def _check_params(task: Task, params: Mapping[str, Any]) -> dict:
     return {name: task.param(name).parse(value) for name, value in params.items()}
 
 
-def _check_model(ckpt) -> ModelLimits:
-    """The checkpoint's limits; reading its config first fails fast, before any actor starts."""
-    return ModelLimits.of(UniMedVLConfig.from_dir(ckpt or DEFAULT_MODEL_DIR))
+def _check_model(ckpt, revision: str | None) -> ModelLimits:
+    """The checkpoint's limits; reading its config first fails fast, before any actor starts. A Hub id
+    fetches its configuration files only here; each actor then loads the weights at the same revision."""
+    if ckpt is None:
+        if revision is not None:
+            raise CheckpointError(f"revision={revision!r} applies to a Hub id given as the checkpoint; "
+                                  "the embedded model has none")
+        return ModelLimits.of(UniMedVLConfig.from_dir(DEFAULT_MODEL_DIR))
+    return ModelLimits.of(UniMedVLConfig.from_dir(resolve_config(ckpt, revision)))
 
 
 def run_batch(task: str, source: str | Path | Sequence[Row], output: str | Path, params: Mapping | None = None,
@@ -134,27 +154,30 @@ def run_batch(task: str, source: str | Path | Sequence[Row], output: str | Path,
               settings: BatchSettings | None = None) -> dict:
     """Run ``task`` over every row of ``source`` (a manifest, a folder, or rows from ``rows_from_items``)
     and write one record per row under ``output``; rows already ok there are skipped. ``load_options`` go
-    to ``load_model`` in each actor (device, dtype, weights, quantisation...). Returns the summary, also
-    written to ``output/summary.json``."""
+    to ``load_model`` in each actor (device, dtype, weights, revision of a Hub id, quantisation...). Returns
+    the summary, also written to ``output/summary.json``."""
     spec, settings, output = TASKS.get(task), settings or BatchSettings(), Path(output)
+    load_options = dict(load_options or {})
     import_ray()  # without Ray, say so before anything is written
     if isinstance(source, (str, Path)):
         check_output_location([output], [source, *([data_dir] if data_dir else [])])
         rows = read_source(source, spec, data_dir, slices)
     else:
         rows = list(source)
-    plan_rows(spec, rows, _check_params(spec, params or {}), _check_model(ckpt))
+    plan_rows(spec, rows, _check_params(spec, params or {}), _check_model(ckpt, load_options.get("revision")))
+    row_keys(spec.name, rows, model_identity(ckpt, load_options))
     job = {"task": spec.name, "input": str(source) if isinstance(source, (str, Path)) else "items",
            "format": settings.format}
     with RecordStore(output, settings.format) as store:
         return _run(store, rows, job, settings, lambda s, todo: _dataset(
-            todo, spec.name, ckpt, dict(load_options or {}), output, window, s))
+            todo, spec.name, ckpt, load_options, output, window, s))
 
 
 def _run(store: RecordStore, rows: list[Row], job: dict, settings: BatchSettings, make_dataset) -> dict:
-    """Resume: compact, run the rows not yet ok, compact again and write the summary (also when stopped)."""
+    """Resume: compact, run the rows without a current ok record, compact again and write the summary (also
+    when stopped)."""
     latest = store.compact()
-    todo = [row for row in rows if latest.get(row.id, {}).get("status") != OK]
+    todo = [row for row in rows if not _done(latest.get(row.id), row)]
     started, start, consumed, interrupted = False, time.perf_counter(), {"rows": 0}, False
     try:
         if todo:

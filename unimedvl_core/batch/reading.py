@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import io
 import pickle
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from ..io.medical_io import MedicalImage, read_image
+from ..io.medical_io import MedicalImage, read_image, read_key_slices
 from .sources import Row
 
 __all__ = ["load_images", "read_step"]
@@ -24,7 +25,13 @@ def _load_one(value: Any, row: Row, window) -> MedicalImage:
 
 
 def load_images(row: Row, window=None) -> list[MedicalImage]:
-    """The row's images, read and windowed; raises ``ImageReadError`` (or PIL's errors) naming the file."""
+    """The row's images, read and windowed; raises ``ImageReadError`` (or PIL's errors) naming the file. A
+    series report reads the key slices of its volume or DICOM series (as ``unimedvl report --series-report``
+    does), not one slice, and notes them in ``row.frames``."""
+    if row.fields.get("series_report") and len(row.images) == 1 and isinstance(row.images[0], (str, Path)):
+        images = read_key_slices(row.images[0], row.fields["key_slices"], window, row.series_uid)
+        row.frames = [image.frame for image in images]
+        return images
     return [_load_one(value, row, window) for value in row.images]
 
 

@@ -35,10 +35,13 @@ def make_record(row, status: str, error: str | None = None, text: str | None = N
                 task: str = "") -> dict:
     """One output record: ``id``, ``row``, ``status`` (ok | failed), ``error``, the result (``text``,
     ``outputs``: image files relative to the output folder, labelled synthetic), the ``reference`` of the
-    manifest, the task ``params`` and the ``model`` (name and weights' provenance)."""
+    manifest, the task ``params``, the ``model`` (name and weights' provenance), the slices a series report
+    read (``frames``) and the row's ``key`` (what the result depends on; a resumed job reruns a row whose
+    key changed)."""
     return {"id": row.id, "row": row.index, "status": status, "error": error, "task": task, "text": text,
             "outputs": list(outputs or []), "synthetic": bool(outputs), "reference": row.reference,
-            "inputs": row.shown_inputs(), "slice": row.frame, "params": params or {}, "model": model or {}}
+            "inputs": row.shown_inputs(), "slice": row.frame, "frames": row.frames, "params": params or {},
+            "model": model or {}, "key": row.key}
 
 
 def _write_jsonl(records: list[dict], path: Path) -> None:

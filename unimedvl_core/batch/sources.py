@@ -33,7 +33,8 @@ class Row:
     """One input row: ``id`` (its ``id`` field, else its position), ``index`` (its position: the seed offset),
     ``images`` (paths, bytes or PIL images; empty for text-only tasks), ``fields`` (task parameter values it
     carries), ``reference`` (the expected answer when the manifest has one), the series and slice of a
-    DICOM/NIfTI source, and ``error`` when the row itself is unusable."""
+    DICOM/NIfTI source, ``error`` when the row itself is unusable, ``key`` (what its result depends on:
+    ``fingerprint.py``) and ``frames`` (the slices a series report read)."""
 
     id: str
     index: int
@@ -43,6 +44,8 @@ class Row:
     series_uid: str | None = None
     frame: int | None = None
     error: str | None = None
+    key: str | None = None
+    frames: list[int] | None = None
 
     def shown_inputs(self) -> list[str]:
         return [str(i) if isinstance(i, (str, Path)) else type(i).__name__ for i in self.images]
@@ -188,28 +191,40 @@ def _dicom_series(root: Path) -> dict[tuple[Path, str], list]:
     return series
 
 
-def _folder_entries(root: Path) -> Iterator[tuple[str, str, str | None, int]]:
-    """(id, path, series UID, slice count) of each input: every image file and NIfTI volume, every DICOM
-    series (a folder may hold several). Our own outputs (labelled synthetic) are passed over."""
+def _file_slices(path: Path, count: bool) -> tuple[int, str | None]:
+    """(slice count, error) of an image file or NIfTI volume; its header is read only when ``count``. A file
+    that cannot be read is that row's failure, not the listing's."""
+    if not count:
+        return 1, None
+    try:
+        return _slice_count(path), None
+    except Exception as err:  # nibabel's ImageFileError, a truncated gzip...
+        return 1, f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def _folder_entries(root: Path, count: bool) -> Iterator[tuple[str, str, str | None, int, str | None]]:
+    """(id, path, series UID, slice count, error) of each input: every image file and NIfTI volume, every
+    DICOM series (a folder may hold several). Slices are counted only when ``count``. Our own outputs
+    (labelled synthetic) are passed over."""
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         name = path.name.lower()
         if name.endswith(IMAGE_SUFFIXES + _NIFTI) and not is_dicom_file(path) and not is_own_output(path):
-            yield str(path.relative_to(root)), str(path), None, _slice_count(path)
+            yield (str(path.relative_to(root)), str(path), None, *_file_slices(path, count))
     series = _dicom_series(root)
     for (folder, uid), headers in sorted(series.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         several = sum(1 for f, _ in series if f == folder) > 1
         name = str(folder.relative_to(root)) if folder != root else "."
-        count = len(headers) if len(headers) > 1 else _slice_count(folder, headers[0])
-        yield (f"{name}#{uid}" if several else name), str(folder), uid, count
+        total = len(headers) if len(headers) > 1 else _slice_count(folder, headers[0])
+        yield (f"{name}#{uid}" if several else name), str(folder), uid, total, None
 
 
 def _folder_rows(root: Path, slices: str) -> list[Row]:
     rows: list[Row] = []
-    for name, path, uid, count in _folder_entries(root):
+    for name, path, uid, count, error in _folder_entries(root, count=slices == "all"):
         frames = range(count) if slices == "all" and count > 1 else [None]
         for frame in frames:
             rows.append(Row(name if frame is None else f"{name}:{frame}", len(rows), [path], series_uid=uid,
-                            frame=frame))
+                            frame=frame, error=error))
     return rows
 
 

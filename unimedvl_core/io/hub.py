@@ -14,7 +14,8 @@ from pathlib import Path
 from ..modeling.config import ConfigError
 from .checkpoint import TOKENIZER_FILES, VAE_FILE, WEIGHT_FILES, CheckpointError
 
-__all__ = ["HubError", "is_hub_id", "hub_files", "resolve_checkpoint", "checkpoint_name", "split_revision"]
+__all__ = ["HubError", "is_hub_id", "hub_files", "resolve_checkpoint", "resolve_config", "checkpoint_name",
+           "split_revision"]
 
 CONFIG_FILES = ("config.json", "llm_config.json", "vit_config.json")
 # the Hub's rules for a repo id: one slash, names of letters, digits and . _ - (no leading or trailing . or -)
@@ -44,7 +45,7 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _download(repo_id: str, revision: str | None, weights: str) -> Path:
+def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -57,7 +58,7 @@ def _download(repo_id: str, revision: str | None, weights: str) -> Path:
     # a relative path that does not exist looks like a Hub id too: the message says both
     at = f"no folder {repo_id} here, and the Hub model {repo_id}@{revision or 'main'}"
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=hub_files(weights),
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                       local_files_only=_offline()))
     except RevisionNotFoundError:
         raise HubError(f"{at}: no such revision") from None
@@ -72,9 +73,7 @@ def _download(repo_id: str, revision: str | None, weights: str) -> Path:
         raise HubError(f"{at} could not be fetched ({type(err).__name__})") from None
 
 
-def resolve_checkpoint(path: str | Path, revision: str | None = None, weights: str = "ema") -> Path:
-    """The local checkpoint folder for ``path``: the folder itself when it exists, else the cached snapshot
-    of the Hub repo ``path`` at ``revision`` (a branch, tag or commit; the default branch when None)."""
+def _resolve(path: str | Path, revision: str | None, patterns: list[str]) -> Path:
     if Path(path).exists():
         if revision is not None:
             raise CheckpointError(f"revision={revision!r} applies to Hub ids only; {path} is a local path")
@@ -86,7 +85,19 @@ def resolve_checkpoint(path: str | Path, revision: str | None = None, weights: s
     except ImportError:
         raise CheckpointError(f"{path} looks like a Hub id, and loading one needs huggingface_hub: "
                               "pip install 'unimedvl-core[hub]'") from None
-    return _download(str(path), revision, weights)
+    return _download(str(path), revision, patterns)
+
+
+def resolve_checkpoint(path: str | Path, revision: str | None = None, weights: str = "ema") -> Path:
+    """The local checkpoint folder for ``path``: the folder itself when it exists, else the cached snapshot
+    of the Hub repo ``path`` at ``revision`` (a branch, tag or commit; the default branch when None)."""
+    return _resolve(path, revision, hub_files(weights))
+
+
+def resolve_config(path: str | Path, revision: str | None = None) -> Path:
+    """As ``resolve_checkpoint``, but a Hub snapshot gets only the configuration files (kilobytes), so that a
+    caller can check the model's limits before any weights are downloaded (``unimedvl tasks``, ``batch``)."""
+    return _resolve(path, revision, list(CONFIG_FILES))
 
 
 def checkpoint_name(path: str | Path, revision: str | None = None) -> str:

@@ -138,7 +138,11 @@ def _checkpoint_options(args) -> dict:
 
 
 def _tasks(args) -> int:
-    limits = ModelLimits.of(UniMedVLConfig.from_dir(args.ckpt or DEFAULT_MODEL_DIR))
+    from ..io.hub import resolve_config
+
+    # a Hub id fetches its configuration files only: the limits need no weights
+    folder = resolve_config(args.ckpt, getattr(args, "revision", None)) if args.ckpt else DEFAULT_MODEL_DIR
+    limits = ModelLimits.of(UniMedVLConfig.from_dir(folder))
     doc = TASKS.describe(limits)
     if args.json:
         print(json.dumps(doc, indent=2))

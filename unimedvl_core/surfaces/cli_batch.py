@@ -6,7 +6,8 @@
 
 Every task parameter of the registry is an option (``unimedvl tasks`` lists which task takes which); a
 manifest row's own values (its question, prompt or instruction) take precedence over them. Rerunning the
-same command resumes: rows already ok are skipped, failed ones retried.
+same command resumes: rows already ok for the same task, parameters, inputs and model are skipped; failed
+and changed ones run again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..batch.records import OutputBusyError
 from ..batch.settings import BatchSettings, RayUnavailableError
 from ..tasks.catalog import TASKS
 from ..tasks.params import Param
@@ -85,7 +87,7 @@ def run_batch_command(args) -> int:
         summary = run_batch(args.task, args.input, args.output, params, ckpt=args.ckpt,
                             load_options=_load_options(args), data_dir=args.data_dir, slices=args.slices,
                             window=args.window, settings=settings)
-    except RayUnavailableError as err:
+    except (RayUnavailableError, OutputBusyError) as err:  # usage errors: install Ray, wait or choose --output
         print(f"error: {err}", file=sys.stderr)
         return 2
     rate = summary["run"]["rows_per_s"]

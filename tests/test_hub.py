@@ -81,7 +81,9 @@ def test_revision_picks_the_snapshot_and_missing_files_are_clear(hub_cache):
         resolve_checkpoint(REPO, revision="v9")
 
 
-def test_folders_and_non_ids(tmp_path):
+def test_folders_and_non_ids(tmp_path, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # relative names must resolve to nothing that exists
     assert resolve_checkpoint(PARITY_CKPT) == PARITY_CKPT
     with pytest.raises(CheckpointError, match="revision='main' applies to Hub ids only"):
         resolve_checkpoint(PARITY_CKPT, revision="main")

@@ -169,22 +169,22 @@ def run_batch(task: str, source: str | Path | Sequence[Row], output: str | Path,
     job = {"task": spec.name, "input": str(source) if isinstance(source, (str, Path)) else "items",
            "format": settings.format}
     with RecordStore(output, settings.format) as store:
-        return _run(store, rows, job, settings, lambda s, todo: _dataset(
-            todo, spec.name, ckpt, load_options, output, window, s))
+        return _run(store, rows, job, settings, lambda s, pending: _dataset(
+            pending, spec.name, ckpt, load_options, output, window, s))
 
 
 def _run(store: RecordStore, rows: list[Row], job: dict, settings: BatchSettings, make_dataset) -> dict:
     """Resume: compact, run the rows without a current ok record, compact again and write the summary (also
     when stopped)."""
     latest = store.compact()
-    todo = [row for row in rows if not _done(latest.get(row.id), row)]
+    pending = [row for row in rows if not _done(latest.get(row.id), row)]
     started, start, consumed, interrupted = False, time.perf_counter(), {"rows": 0}, False
     try:
-        if todo:
+        if pending:
             started = _start_ray(settings.address)
             resources = import_ray().cluster_resources()
             settings = settings.resolved(resources.get("CPU", 1), resources.get("GPU", 0))
-            consumed = _consume(make_dataset(settings, todo), store, len(todo), settings.progress)
+            consumed = _consume(make_dataset(settings, pending), store, len(pending), settings.progress)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -193,7 +193,7 @@ def _run(store: RecordStore, rows: list[Row], job: dict, settings: BatchSettings
         latest = store.compact() if not interrupted else store.load()
         written = consumed["rows"]
         run = {**consumed, "seconds": round(seconds, 3), "rows_per_s": round(written / seconds, 3) if written
-               else None, "skipped_ok": len(rows) - len(todo), "interrupted": interrupted}
+               else None, "skipped_ok": len(rows) - len(pending), "interrupted": interrupted}
         job["settings"] = {k: v for k, v in vars(settings).items() if k != "progress"}
         summary = _summary(rows, latest, run, job)
         _write_json(store.folder.parent / "summary.json", summary)

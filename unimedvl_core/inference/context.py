@@ -73,10 +73,11 @@ class Context:
         return torch.tensor(positions, dtype=torch.long, device=self.device)
 
     def run(self, embeds: torch.Tensor, positions: torch.Tensor, routing: ExpertRouting, causal: bool,
-            keep: bool = True) -> torch.Tensor:
-        """Run one query block (L, H) against the cache; returns final hidden states (L, H)."""
+            keep: bool = True, outputs: int | None = None) -> torch.Tensor:
+        """Run one query block (L, H) against the cache; returns the final hidden states of every row (L, H)
+        or of the last ``outputs`` rows (the others are then not computed past their keys and values)."""
         attend = CachedAttention(self.cache, embeds.shape[0], causal)
-        hidden = self.model.run_llm(embeds[None], positions[None], routing, attend)[0]
+        hidden = self.model.run_llm(embeds[None], positions[None], routing, attend, outputs)[0]
         if keep:
             self.cache.advance(embeds.shape[0])
         return hidden
@@ -87,13 +88,13 @@ class Context:
         block = [*text_block_ids(ids, self.special), *extra_ids]
         positions = [*self.layout.text(len(ids)), *self.layout.tokens(len(extra_ids))]
         hidden = self.run(self._embed_ids(block), self._positions(positions), ExpertRouting.understanding(),
-                          causal=True)
+                          causal=True, outputs=1)
         return hidden[-1]
 
     def _image_block(self, tokens: torch.Tensor, routing: ExpertRouting) -> None:
         markers = self._embed_ids([self.special.vision_start, self.special.vision_end])
         embeds = torch.cat([markers[:1], tokens.to(markers.dtype), markers[1:]])
-        self.run(embeds, self._positions(self.layout.image(tokens.shape[0])), routing, causal=False)
+        self.run(embeds, self._positions(self.layout.image(tokens.shape[0])), routing, causal=False, outputs=0)
 
     def add_vit_image(self, image: torch.Tensor) -> None:
         """(3, H, W) in [-1, 1], sides multiples of the ViT patch size."""

@@ -80,10 +80,14 @@ class CachedAttention:
         self.query_len = query_len
         self.causal = causal
         self.use_flash = flash_attn_available(cache.device, cache.dtype)
-        self.mask = None if self.use_flash else cache.query_mask(query_len, causal, self.rows)
+        # Rows of different lengths (guidance branches) attend run by run, each to its own keys, unmasked,
+        # instead of every row to the longest row's keys through a mask.
+        self.runs = None if causal or self.use_flash else _equal_length_runs(cache.lengths[:self.rows])
+        self.mask = None if self.use_flash or self.runs else cache.query_mask(query_len, causal, self.rows)
 
     def __call__(self, layer_idx: int, q, k, v):
-        if self.use_flash:
+        """q may hold only the last rows of the block (``Context.run(outputs=...)``); k and v hold all."""
+        if self.use_flash and q.shape[2] == k.shape[2]:
             kc, vc = self.cache.layer_buffers(layer_idx, self.rows)
             out = _flash_attn_with_kvcache(
                 q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), k=k.transpose(1, 2).contiguous(),
@@ -91,7 +95,20 @@ class CachedAttention:
                 causal=self.causal)
             return out.transpose(1, 2)
         keys, values = self.cache.write(layer_idx, k, v, self.rows)
-        return sdpa(q, keys, values, self.mask)
+        if q.shape[2] == 0:  # no row's output is wanted: only the keys and values were needed
+            return q
+        if self.runs:
+            new = k.shape[2]
+            return torch.cat([sdpa(q[a:b], keys[a:b, :, :n + new], values[a:b, :, :n + new], None)
+                              for a, b, n in self.runs])
+        return sdpa(q, keys, values, self._mask_of_last(q.shape[2]))
+
+    def _mask_of_last(self, queries: int) -> torch.Tensor | None:
+        if self.use_flash and self.mask is None:  # a shortened query left the flash path (lengths unchanged)
+            self.mask = self.cache.query_mask(self.query_len, self.causal, self.rows)
+        if self.mask is None or queries == self.query_len:
+            return self.mask
+        return self.mask[:, :, self.query_len - queries:]
 
 
 class DecodeAttention:
@@ -124,6 +141,18 @@ class DecodeAttention:
         grouped_q = q.reshape(rows, kv_heads, groups, head_dim)  # query head h belongs to group h // groups
         out = F.scaled_dot_product_attention(grouped_q, kbuf[:rows], vbuf[:rows], attn_mask=self.mask)
         return out.reshape(rows, kv_heads * groups, 1, head_dim)
+
+
+def _equal_length_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]] | None:
+    """Maximal runs ``(start, end, length)`` of consecutive rows with equal cached lengths; None when every
+    row has the same length (one unmasked attention covers them all)."""
+    runs: list[tuple[int, int, int]] = []
+    for row, length in enumerate(lengths):
+        if runs and runs[-1][2] == length:
+            runs[-1] = (runs[-1][0], row + 1, length)
+        else:
+            runs.append((row, row + 1, length))
+    return runs if len(runs) > 1 else None
 
 
 def packed_attention_mask(split_lens: Sequence[int], split_modes: Sequence[str], device=None) -> torch.Tensor:

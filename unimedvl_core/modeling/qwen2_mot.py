@@ -57,6 +57,14 @@ class ExpertRouting:
             return cls()
         return cls(und=torch.nonzero(~gen_mask).squeeze(1), gen=torch.nonzero(gen_mask).squeeze(1))
 
+    def last(self, count: int, length: int) -> "ExpertRouting":
+        """The routing of the last ``count`` of ``length`` rows."""
+        if self.gen is None or count == length:
+            return self
+        start = length - count
+        gen = self.gen[self.gen >= start] - start
+        return ExpertRouting(und=self.und[self.und >= start] - start, gen=gen) if len(gen) else ExpertRouting()
+
     def apply(self, x: torch.Tensor, und_fn: Callable, gen_fn: Callable) -> torch.Tensor:
         """Run ``und_fn`` on understanding rows and ``gen_fn`` on generation rows of x (rows = dim 1)."""
         if self.gen is None:
@@ -96,22 +104,30 @@ class MoTAttention(nn.Module):
             setattr(self, "k_norm" + suffix, Qwen2RMSNorm(self.head_dim, eps=eps))
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, routing: ExpertRouting,
-                attend: AttendFn) -> torch.Tensor:
+                attend: AttendFn, outputs: int | None = None) -> torch.Tensor:
+        """Attention of every row; with ``outputs`` only the last ``outputs`` rows query (all rows still
+        give keys and values), and only their outputs are returned (docs/performance.md#unused-outputs)."""
         batch, length, _ = hidden.shape
+        outputs = length if outputs is None else outputs
+        queries = routing.last(outputs, length)
 
         def heads(n):
             return lambda t: t.view(batch, -1, n, self.head_dim)
 
-        q = routing.apply(hidden, self.q_proj, self.q_proj_moe_gen)
+        q = queries.apply(hidden[:, length - outputs:], self.q_proj, self.q_proj_moe_gen)
         k = routing.apply(hidden, self.k_proj, self.k_proj_moe_gen)
         v = routing.apply(hidden, self.v_proj, self.v_proj_moe_gen)
-        q = routing.apply(heads(self.num_heads)(q), self.q_norm, self.q_norm_moe_gen)
-        k = routing.apply(heads(self.num_kv_heads)(k), self.k_norm, self.k_norm_moe_gen)
+        q = queries.apply(heads(self.num_heads)(q), self.q_norm, self.q_norm_moe_gen).transpose(1, 2)
+        k = routing.apply(heads(self.num_kv_heads)(k), self.k_norm, self.k_norm_moe_gen).transpose(1, 2)
         v = heads(self.num_kv_heads)(v)
-        q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=1)
+        if outputs == length:
+            q, k = self.rotate(q, k, cos, sin, unsqueeze_dim=1)
+        else:
+            q = self.rotate(q, q, cos[:, length - outputs:], sin[:, length - outputs:], unsqueeze_dim=1)[0]
+            k = self.rotate(k, k, cos, sin, unsqueeze_dim=1)[0]
         out = attend(self.layer_idx, q, k, v.transpose(1, 2).to(q.dtype))
-        out = out.transpose(1, 2).reshape(batch, length, -1)
-        return routing.apply(out, self.o_proj, self.o_proj_moe_gen)
+        out = out.transpose(1, 2).reshape(batch, outputs, self.num_heads * self.head_dim)
+        return queries.apply(out, self.o_proj, self.o_proj_moe_gen)
 
 
 class MoTDecoderLayer(nn.Module):
@@ -129,9 +145,14 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=eps)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, routing: ExpertRouting,
-                attend: AttendFn) -> torch.Tensor:
+                attend: AttendFn, outputs: int | None = None) -> torch.Tensor:
+        """The layer's output of every row, or of the last ``outputs`` rows only."""
         normed = routing.apply(hidden, self.input_layernorm, self.input_layernorm_moe_gen)
-        hidden = hidden + self.self_attn(normed, cos, sin, routing, attend)
+        attended = self.self_attn(normed, cos, sin, routing, attend, outputs)
+        if outputs is not None:
+            length = hidden.shape[1]
+            hidden, routing = hidden[:, length - outputs:], routing.last(outputs, length)
+        hidden = hidden + attended
         normed = routing.apply(hidden, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
         return hidden + routing.apply(normed, self.mlp, self.mlp_moe_gen)
 
@@ -150,16 +171,20 @@ class Qwen2MoTModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, routing: ExpertRouting,
-                attend: AttendFn) -> torch.Tensor:
+                attend: AttendFn, outputs: int | None = None) -> torch.Tensor:
         """inputs_embeds (B, L, H), position_ids (B, L) -> final hidden states (B, L, H) after the
-        expert-specific final norm."""
+        expert-specific final norm; with ``outputs``, those of the last ``outputs`` rows only (B, outputs, H):
+        the last layer then computes only what they need (docs/performance.md#unused-outputs)."""
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
         hidden = inputs_embeds
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
                 hidden = checkpoint(layer, hidden, cos, sin, routing, attend, use_reentrant=False)
             else:
-                hidden = layer(hidden, cos, sin, routing, attend)
+                hidden = layer(hidden, cos, sin, routing, attend, outputs if index == last else None)
+        if outputs is not None:
+            routing = routing.last(outputs, inputs_embeds.shape[1])
         return routing.apply(hidden, self.norm, self.norm_moe_gen)
 
 

@@ -94,8 +94,9 @@ class UniMedVLModel(nn.Module):
 
     # ----- the transformer over a sequence -----
     def run_llm(self, embeds: torch.Tensor, position_ids: torch.Tensor, routing: ExpertRouting,
-                attend) -> torch.Tensor:
-        return self.language_model.model(embeds, position_ids, routing, attend)
+                attend, outputs: int | None = None) -> torch.Tensor:
+        """Final hidden states of every row, or of the last ``outputs`` rows (``Qwen2MoTModel.forward``)."""
+        return self.language_model.model(embeds, position_ids, routing, attend, outputs=outputs)
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden)

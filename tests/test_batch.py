@@ -249,6 +249,29 @@ def test_cli_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert status == 2 and "inside the input folder" in capsys.readouterr().err
 
 
+def test_cli_exit_status_says_whether_every_row_is_ok(ray_session, phantoms, tmp_path, capsys):
+    from unimedvl_core.surfaces.cli import main
+    from unimedvl_core.surfaces.cli_batch import EXIT_ROWS_FAILED
+
+    good = sorted((phantoms / "images").glob("*_ct.png"))[0]
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text(json.dumps({"id": "ok1", "image": str(good), "question": "Is there a lesion?"}) + "\n"
+                        + json.dumps({"id": "later", "image": str(tmp_path / "later.png"), "question": "Why?"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["batch", "--task", "vqa", "--input", str(manifest), "--output", str(out), "--max-new-tokens", "4",
+            "--num-actors", "1", "--actor-cpus", "1", "--no-progress"]
+    status = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == EXIT_ROWS_FAILED == 3
+    line = next(e for e in err if e.startswith("incomplete:"))  # the demo model's note may come first
+    assert "1 of 2 rows not ok (1 ok, 1 failed)" in line and str(out / "summary.json") in line
+    assert "later.png" not in line  # counts only; the reason is in summary.json
+    assert {r["id"]: r["status"] for r in _records(out)} == {"ok1": "ok", "later": "failed"}  # success kept
+    Image.open(good).save(tmp_path / "later.png")
+    assert main(argv) == 0  # the rerun completes the job
+    assert not any(e.startswith("incomplete:") for e in capsys.readouterr().err.splitlines())
+
+
 def test_missing_ray_names_the_extra(monkeypatch, phantoms, tmp_path, capsys):
     from unimedvl_core.surfaces.cli import main
 

@@ -257,7 +257,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input or arguments (one line on stderr naming the problem), 1 an internal
-    error (one line; the traceback only with ``--debug``), 130 interrupted."""
+    error (one line; the traceback only with ``--debug``), 130 interrupted; ``batch``: 3 some rows failed."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -300,22 +300,30 @@ def test_resume_rule_latest_shard_wins_and_compaction(tmp_path):
 
 
 def test_evaluation_above_threshold_runs_on_ray_with_the_same_answers(ray_session, model, phantoms, monkeypatch):
+    from unimedvl_core.batch.model_spec import ModelOnDemand
     from unimedvl_core.data import evaluation as ev
 
     items = ev.read_sft_jsonl(phantoms / "vqa64.jsonl")[:10]
+    loads = []
+    on_demand = ModelOnDemand(None, {"dtype": "float32"}, lambda: loads.append(1) or model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the actor runs
     try:
-        records, scores = ev.evaluate_vqa(model, items, max_new_tokens=8, progress=False)
+        records, scores = ev.evaluate_vqa(on_demand, items, max_new_tokens=8, progress=False)
     finally:
         torch.set_num_threads(threads)
+    assert len(loads) == 1 and on_demand.loaded  # the one-by-one path loads the model here, once
     calls = []
     monkeypatch.setattr(ev, "BATCH_THRESHOLD", 5)
     monkeypatch.setattr(ev, "_answers_one_by_one", lambda *a, **k: calls.append(a) or [])
-    on_ray, ray_scores = ev.evaluate_vqa(model, items, max_new_tokens=8, progress=False)
+    on_ray, ray_scores = ev.evaluate_vqa(on_demand, items, max_new_tokens=8, progress=False)
     assert not calls  # the Ray path answered
+    assert len(loads) == 1 and not on_demand.loaded  # the driver's copy was released and none loaded again
+    assert on_demand.name == model.name
     assert [r["prediction"] for r in on_ray] == [r["prediction"] for r in records]
     assert ray_scores == scores
+    held, _ = ev.evaluate_vqa(model, items, max_new_tokens=8, progress=False)  # a caller's loaded model works too
+    assert [r["prediction"] for r in held] == [r["prediction"] for r in records]
 
 
 def test_long_runs_roll_small_shards_up(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from ..tasks.catalog import TASKS
 from ..tasks.params import Param
 from .cli_tasks import HelpFormatter, add_model_args, parse_window
 
-__all__ = ["add_batch_command", "run_batch_command", "EXIT_ROWS_FAILED"]
+__all__ = ["add_batch_command", "run_batch_command", "load_options_of", "EXIT_ROWS_FAILED"]
 
 _PREFIX = "param_"
 EXIT_ROWS_FAILED = 3  # beside cli.py's 0 ok, 1 internal, 2 bad input, 130 interrupted (docs/batch.md#exit-status)
@@ -76,8 +76,9 @@ def add_batch_command(sub) -> None:
     _param_options(p)
 
 
-def _load_options(args) -> dict:
-    """Every model option of ``add_model_args`` that was given, for ``load_model`` in each actor."""
+def load_options_of(args) -> dict:
+    """Every model option of ``add_model_args`` that was given, for ``load_model`` in each actor (also
+    ``unimedvl evaluate``'s, whose large datasets run on Ray Data)."""
     probe = argparse.ArgumentParser(add_help=False)
     add_model_args(probe)
     names = {a.dest for a in probe._actions} - {"ckpt", "no_progress"}
@@ -93,7 +94,7 @@ def run_batch_command(args) -> int:
                              progress=not args.no_progress)
     try:
         summary = run_batch(args.task, args.input, args.output, params, ckpt=args.ckpt,
-                            load_options=_load_options(args), data_dir=args.data_dir, slices=args.slices,
+                            load_options=load_options_of(args), data_dir=args.data_dir, slices=args.slices,
                             window=args.window, settings=settings)
     except (RayUnavailableError, OutputBusyError) as err:  # usage errors: install Ray, wait or choose --output
         print(f"error: {err}", file=sys.stderr)

@@ -249,6 +249,29 @@ def test_cli_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert status == 2 and "inside the input folder" in capsys.readouterr().err
 
 
+def test_cli_exit_status_says_whether_every_row_is_ok(ray_session, phantoms, tmp_path, capsys):
+    from unimedvl_core.surfaces.cli import main
+    from unimedvl_core.surfaces.cli_batch import EXIT_ROWS_FAILED
+
+    good = sorted((phantoms / "images").glob("*_ct.png"))[0]
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text(json.dumps({"id": "ok1", "image": str(good), "question": "Is there a lesion?"}) + "\n"
+                        + json.dumps({"id": "later", "image": str(tmp_path / "later.png"), "question": "Why?"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["batch", "--task", "vqa", "--input", str(manifest), "--output", str(out), "--max-new-tokens", "4",
+            "--num-actors", "1", "--actor-cpus", "1", "--no-progress"]
+    status = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == EXIT_ROWS_FAILED == 3
+    line = next(e for e in err if e.startswith("incomplete:"))  # the demo model's note may come first
+    assert "1 of 2 rows not ok (1 ok, 1 failed)" in line and str(out / "summary.json") in line
+    assert "later.png" not in line  # counts only; the reason is in summary.json
+    assert {r["id"]: r["status"] for r in _records(out)} == {"ok1": "ok", "later": "failed"}  # success kept
+    Image.open(good).save(tmp_path / "later.png")
+    assert main(argv) == 0  # the rerun completes the job
+    assert not any(e.startswith("incomplete:") for e in capsys.readouterr().err.splitlines())
+
+
 def test_missing_ray_names_the_extra(monkeypatch, phantoms, tmp_path, capsys):
     from unimedvl_core.surfaces.cli import main
 
@@ -277,22 +300,30 @@ def test_resume_rule_latest_shard_wins_and_compaction(tmp_path):
 
 
 def test_evaluation_above_threshold_runs_on_ray_with_the_same_answers(ray_session, model, phantoms, monkeypatch):
+    from unimedvl_core.batch.model_spec import ModelOnDemand
     from unimedvl_core.data import evaluation as ev
 
     items = ev.read_sft_jsonl(phantoms / "vqa64.jsonl")[:10]
+    loads = []
+    on_demand = ModelOnDemand(None, {"dtype": "float32"}, lambda: loads.append(1) or model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the actor runs
     try:
-        records, scores = ev.evaluate_vqa(model, items, max_new_tokens=8, progress=False)
+        records, scores = ev.evaluate_vqa(on_demand, items, max_new_tokens=8, progress=False)
     finally:
         torch.set_num_threads(threads)
+    assert len(loads) == 1 and on_demand.loaded  # the one-by-one path loads the model here, once
     calls = []
     monkeypatch.setattr(ev, "BATCH_THRESHOLD", 5)
     monkeypatch.setattr(ev, "_answers_one_by_one", lambda *a, **k: calls.append(a) or [])
-    on_ray, ray_scores = ev.evaluate_vqa(model, items, max_new_tokens=8, progress=False)
+    on_ray, ray_scores = ev.evaluate_vqa(on_demand, items, max_new_tokens=8, progress=False)
     assert not calls  # the Ray path answered
+    assert len(loads) == 1 and not on_demand.loaded  # the driver's copy was released and none loaded again
+    assert on_demand.name == model.name
     assert [r["prediction"] for r in on_ray] == [r["prediction"] for r in records]
     assert ray_scores == scores
+    held, _ = ev.evaluate_vqa(model, items, max_new_tokens=8, progress=False)  # a caller's loaded model works too
+    assert [r["prediction"] for r in held] == [r["prediction"] for r in records]
 
 
 def test_long_runs_roll_small_shards_up(tmp_path, monkeypatch):

@@ -117,6 +117,20 @@ def test_chat_is_the_models_multi_turn_answer(client, model):
                                                           max_new_tokens=6)
 
 
+def test_prompt_tokens_count_what_the_model_prefilled(client, model):
+    """Text: its ids between <|im_start|> and <|im_end|>, plus the answer's start token; a 40x40 image is read
+    at 378x378 (the short edge raised to 378, docs/preprocessing.md), 27x27 patches of 14 px, between two
+    vision markers: 731 tokens more."""
+    question = "Is there a lesion?"
+    text_only = client.chat.completions.create(model=model.name, max_tokens=2,
+                                               messages=[{"role": "user", "content": question}])
+    assert text_only.usage.prompt_tokens == len(model.encode_text(question)) + 2 + 1
+    with_image = client.chat.completions.create(model=model.name, max_tokens=2, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_url(png((40, 40)))}}, {"type": "text", "text": question}]}])
+    assert with_image.usage.prompt_tokens - text_only.usage.prompt_tokens == 27 * 27 + 2
+    assert with_image.usage.total_tokens == with_image.usage.prompt_tokens + with_image.usage.completion_tokens
+
+
 def test_streamed_chunks_add_up_to_the_answer(client, model):
     messages = conversation(png())
     full = client.chat.completions.create(model=model.name, messages=messages, max_tokens=8)
@@ -244,6 +258,28 @@ def test_image_edits_run_registry_tasks(client, model):
         assert err.value.body["param"] == param or "warp" in err.value.message
     with pytest.raises(openai.BadRequestError, match="mask"):
         client.images.edit(image=("a.png", source, "image/png"), mask=("m.png", source, "image/png"), prompt="x")
+
+
+def test_image_edits_take_several_images_each_edited_n_times(client):
+    """The openai client sends a list as ``image[]`` parts; each image gets ``n`` results, image after image,
+    each equal to a request with that image alone (same seeds)."""
+    first, second = png((32, 32), 90), png((16, 16), 200)
+    steps = {"num_inference_steps": 1, "seed": 11}
+    out = client.images.edit(image=[("a.png", first, "image/png"), ("b.png", second, "image/png")],
+                             prompt="Remove the lesion.", n=1, extra_body=steps)
+    assert [decoded(d.b64_json).size for d in out.data] == [(32, 32), (16, 16)]
+    alone = [client.images.edit(image=(name, data, "image/png"), prompt="Remove the lesion.", extra_body=steps)
+             for name, data in (("a.png", first), ("b.png", second))]
+    for together, single in zip(out.data, alone):
+        np.testing.assert_array_equal(np.asarray(decoded(together.b64_json)),
+                                      np.asarray(decoded(single.data[0].b64_json)))
+    out = client.images.edit(image=[("a.png", first, "image/png"), ("b.png", second, "image/png")],
+                             prompt="", n=1, extra_body={"task": "super_resolution", "scale": 2, **steps})
+    assert [decoded(d.b64_json).size for d in out.data] == [(64, 64), (32, 32)]
+    with pytest.raises(openai.BadRequestError, match="4 images") as err:  # 2 per image, 2 images: over 3
+        client.images.edit(image=[("a.png", first, "image/png"), ("b.png", second, "image/png")], prompt="x", n=2,
+                           extra_body=steps)
+    assert err.value.body["param"] == "n"
 
 
 def test_the_slicer_client_chats(served, model):

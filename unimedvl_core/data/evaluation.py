@@ -37,7 +37,7 @@ from ..inference.prompts import multiple_choice_prompt
 __all__ = ["VQAItem", "normalize_answer", "closed_correct", "open_recall", "choice_correct", "extract_choice",
            "score_vqa", "psnr_ssim", "fid_score", "text_metrics", "VQA_READERS", "read_vqa", "read_editing_pairs",
            "read_report_items", "evaluate_vqa", "evaluate_editing", "evaluate_reports", "evaluate_text_to_image",
-           "write_results", "FeatureExtractor", "answer_items", "BATCH_THRESHOLD"]
+           "write_results", "FeatureExtractor", "answer_items", "BATCH_THRESHOLD", "in_driver"]
 
 YES_NO = ("yes", "no")
 
@@ -276,8 +276,16 @@ def _open_image(image) -> Image.Image:
 BATCH_THRESHOLD = 300
 
 
+def in_driver(model):
+    """The loaded model for a step that runs in this process: a ``ModelOnDemand`` loads here (once)."""
+    from ..batch.model_spec import ModelOnDemand
+
+    return model.get() if isinstance(model, ModelOnDemand) else model
+
+
 def _answers_one_by_one(model, images: Sequence, questions: Sequence[str], max_new_tokens: int, desc: str,
                         progress: bool) -> list[str]:
+    model = in_driver(model)
     return [model.answer(_open_image(image), question, max_new_tokens=max_new_tokens)
             for image, question in tqdm(list(zip(images, questions)), desc=desc, disable=not progress)]
 
@@ -285,21 +293,28 @@ def _answers_one_by_one(model, images: Sequence, questions: Sequence[str], max_n
 def _answers_on_ray(model, images: Sequence, questions: Sequence[str], max_new_tokens: int,
                     progress: bool) -> list[str]:
     """The VQA task over every item on Ray Data, each actor loading the same weights as ``model``; an item
-    that fails (an unreadable image) gets an empty prediction and a warning."""
+    that fails (an unreadable image) gets an empty prediction and a warning. A ``ModelOnDemand`` is not
+    loaded here, and a copy it loaded for an earlier step is released first (docs/batch.md#evaluation)."""
     import logging
     import tempfile
 
     from ..batch import BatchSettings, rows_from_items, run_batch
-    from ..batch.model_spec import load_spec
+    from ..batch.model_spec import ModelOnDemand, load_spec
     from ..batch.records import RecordStore
     from ..tasks.catalog import TASKS
 
-    ckpt, options = load_spec(model)
+    if isinstance(model, ModelOnDemand):
+        model.release()
+        ckpt, options = model.spec
+    else:  # the caller holds it loaded: the actors load the same weights beside it
+        ckpt, options = load_spec(model)
     items = [{"image": image, "question": question} for image, question in zip(images, questions)]
     with tempfile.TemporaryDirectory(prefix="unimedvl-eval-") as out:
         summary = run_batch("vqa", rows_from_items(items, TASKS.get("vqa")), out, {"max_new_tokens": max_new_tokens},
                             ckpt=ckpt, load_options=options, settings=BatchSettings(progress=progress))
         latest = RecordStore(out).load()
+    if isinstance(model, ModelOnDemand):
+        model.name = model.name or summary["model"].get("name")
     if summary["failed"]:
         logging.getLogger(__name__).warning("%d of %d items failed: %s", summary["failed"], len(items),
                                             summary["failures"][0]["error"])
@@ -309,7 +324,8 @@ def _answers_on_ray(model, images: Sequence, questions: Sequence[str], max_new_t
 def answer_items(model, images: Sequence, questions: Sequence[str], max_new_tokens: int, desc: str = "VQA",
                  progress: bool = True) -> list[str]:
     """Greedy answers to (image, question) pairs: on Ray Data above ``BATCH_THRESHOLD`` items when Ray is
-    installed (the same answers: docs/batch.md), else one by one."""
+    installed (the same answers: docs/batch.md), else one by one. ``model``: a loaded model, or a
+    ``ModelOnDemand`` (batch/model_spec.py), loaded in this process only for the one-by-one path."""
     from ..batch import ray_available
 
     if len(questions) > BATCH_THRESHOLD and ray_available():
@@ -334,7 +350,7 @@ def _steps(steps: int | None) -> dict:
 def evaluate_editing(model, pairs: Sequence[dict], steps: int | None = None, seed: int = 0,
                      progress: bool = True) -> tuple[list, dict]:
     """PSNR/SSIM of the model's output and of the unchanged input against the reference, per task."""
-    records = []
+    model, records = in_driver(model), []
     for i, pair in enumerate(tqdm(pairs, desc="image-to-image", disable=not progress)):
         source, reference = _open_image(pair["input"]), np.asarray(_open_image(pair["reference"]))
         out = model.edit_image(source, pair["instruction"], height=reference.shape[0], width=reference.shape[1],
@@ -371,7 +387,7 @@ class FeatureExtractor:
         if name == "unimedvl-vit":
             if model is None:
                 raise ValueError("unimedvl-vit features need the model")
-            self.model = model
+            self.model = in_driver(model)
         elif name.startswith("hf:"):
             from transformers import AutoImageProcessor, AutoModel
 
@@ -400,7 +416,7 @@ class FeatureExtractor:
 def evaluate_text_to_image(model, prompts: Sequence[str], references: Sequence[Image.Image],
                            extractor: FeatureExtractor, size: tuple[int, int] | None = None, steps: int | None = None,
                            seed: int = 0, progress: bool = True) -> tuple[list, dict]:
-    generated = []
+    model, generated = in_driver(model), []
     for i, prompt in enumerate(tqdm(prompts, desc="text-to-image", disable=not progress)):
         h, w = size or model.config.default_generation_size
         generated.append(model.generate_image(prompt, height=h, width=w, **_steps(steps),

@@ -52,6 +52,20 @@ def load_network(ckpt_dir: str | None = None, device: str | torch.device | None 
                       residency=residency, **({"revision": revision} if ckpt_dir and revision else {}))
 
 
+def network_on_demand(ckpt_dir: str | None = None, device: str | None = None, dtype: str | None = None,
+                      quantization: str | None = None, residency: str = "all"):
+    """``load_network``'s model, loaded in this process only when an evaluation step runs here: datasets
+    sent to Ray Data are answered by the actors' copies alone (docs/batch.md#evaluation)."""
+    from ..batch.model_spec import ModelOnDemand
+
+    options = {k: v for k, v in {"device": device, "dtype": dtype, "quantization": quantization,
+                                 "residency": residency}.items() if v is not None}
+    def load():
+        return load_network(ckpt_dir, device, dtype, quantization=quantization, residency=residency)
+
+    return ModelOnDemand(ckpt_dir or None, options, load)
+
+
 def read_lines(path: str | None) -> list[str]:
     """Questions or prompts from a file: a JSON list, or one per line."""
     if not path:
@@ -507,7 +521,7 @@ class EvaluationRunner:
 
         from ..data import evaluation as ev
 
-        results: dict[str, Any] = {"model": {"name": self.network.name}}
+        results: dict[str, Any] = {"model": {"name": None}}  # named at the end: a ModelOnDemand may load late
         figure: list = []
         for spec in self.vqa:
             items = self._cut(ev.read_vqa(spec["format"], self._path(spec["path"])))
@@ -534,6 +548,7 @@ class EvaluationRunner:
                                                         extractor, steps=self.steps, progress=self.progress)
             results["text_to_image"] = scores
             figure.append(("text-to-image", [(r["prompt"][:30], r["output"]) for r in records[:4]]))
+        results["model"]["name"] = self.network.name
         results["files"] = ev.write_results(self.output_dir, results, figure)
         return results
 

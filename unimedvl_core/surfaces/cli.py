@@ -130,6 +130,13 @@ def _load(args):
     return model
 
 
+def _noted(model):
+    """The model, after its notice (the demonstration model's) is printed once on stderr."""
+    if model.provenance.notice:
+        print(f"note: {model.provenance.notice}", file=sys.stderr)
+    return model
+
+
 def _checkpoint_options(args) -> dict:
     """The options that apply to a checkpoint given with --ckpt (the embedded model takes none)."""
     if not args.ckpt:
@@ -190,8 +197,10 @@ def _phantom_eval(args, model) -> int:
     return 0
 
 
-def _evaluate(args, model) -> int:
+def _evaluate(args) -> int:
+    from ..batch.model_spec import ModelOnDemand
     from .bundle import EvaluationRunner
+    from .cli_batch import load_options_of
 
     vqa = []
     for spec in args.vqa:
@@ -199,6 +208,7 @@ def _evaluate(args, model) -> int:
             raise ValueError(f"--vqa takes FORMAT=PATH, got {spec!r}")
         fmt, path = spec.split("=", 1)
         vqa.append({"format": fmt, "path": path, "name": fmt})
+    model = ModelOnDemand(args.ckpt, load_options_of(args), lambda: _noted(_load(args)))  # docs/batch.md#evaluation
     results = EvaluationRunner(model, str(args.out), vqa=vqa, reports=args.reports, editing=args.editing,
                                text_to_image=args.t2i, fid_extractor=args.fid_extractor, data_dir=args.data_dir,
                                limit=args.limit, num_inference_steps=args.steps, progress=not args.no_progress).run()
@@ -248,7 +258,8 @@ def _without_model(args) -> int | None:
         from ..training.launch import run
 
         return run(args)
-    handlers = {"phantoms": _phantoms, "serve": _serve, "tasks": _tasks, "batch": run_batch_command}
+    handlers = {"phantoms": _phantoms, "serve": _serve, "tasks": _tasks, "batch": run_batch_command,
+                "evaluate": _evaluate}
     return handlers[args.command](args) if args.command in handlers else None
 
 
@@ -257,7 +268,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input or arguments (one line on stderr naming the problem), 1 an internal
-    error (one line; the traceback only with ``--debug``), 130 interrupted."""
+    error (one line; the traceback only with ``--debug``), 130 interrupted; ``batch``: 3 some rows failed."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -268,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "task", None):
             check_task_command(args)
         model = _load(args)
-        if model.provenance.notice and args.command != "info":  # once per command; info prints it itself
-            print(f"note: {model.provenance.notice}", file=sys.stderr)
-        handlers = {"info": _info, "demo": _demo, "phantom-eval": _phantom_eval, "evaluate": _evaluate}
+        if args.command != "info":  # info prints the notice itself
+            _noted(model)
+        handlers = {"info": _info, "demo": _demo, "phantom-eval": _phantom_eval}
         return handlers.get(args.command, run_task_command)(args, model)
     except BrokenPipeError:  # the reader went away (``unimedvl tasks | head``): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again

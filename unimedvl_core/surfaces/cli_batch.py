@@ -22,9 +22,17 @@ from ..tasks.catalog import TASKS
 from ..tasks.params import Param
 from .cli_tasks import HelpFormatter, add_model_args, parse_window
 
-__all__ = ["add_batch_command", "run_batch_command"]
+__all__ = ["add_batch_command", "run_batch_command", "load_options_of", "EXIT_ROWS_FAILED"]
 
 _PREFIX = "param_"
+EXIT_ROWS_FAILED = 3  # beside cli.py's 0 ok, 1 internal, 2 bad input, 130 interrupted (docs/batch.md#exit-status)
+EXIT_STATUS = """exit status:
+  0    every row has an ok record
+  3    the job finished but some rows failed or have no record (one line on stderr: the counts and where
+       summary.json is; the ok rows' results are kept, and rerunning the command retries only the others)
+  2    bad arguments, an unreadable source, Ray not installed, or an output folder another job is writing to
+  1    an internal error
+  130  interrupted (rerun the command to resume)"""
 
 
 def _param_options(p: argparse.ArgumentParser) -> None:
@@ -47,7 +55,7 @@ def _param_options(p: argparse.ArgumentParser) -> None:
 
 def add_batch_command(sub) -> None:
     p = sub.add_parser("batch", help="run a task over a dataset (manifest or folder) on Ray Data",
-                       description=__doc__, formatter_class=HelpFormatter)
+                       description=__doc__, epilog=EXIT_STATUS, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--task", required=True, help=f"the task: {', '.join(TASKS.names())}")
     p.add_argument("--input", required=True, help="JSONL/Parquet manifest, or a folder of DICOM/NIfTI/PNG")
@@ -68,8 +76,9 @@ def add_batch_command(sub) -> None:
     _param_options(p)
 
 
-def _load_options(args) -> dict:
-    """Every model option of ``add_model_args`` that was given, for ``load_model`` in each actor."""
+def load_options_of(args) -> dict:
+    """Every model option of ``add_model_args`` that was given, for ``load_model`` in each actor (also
+    ``unimedvl evaluate``'s, whose large datasets run on Ray Data)."""
     probe = argparse.ArgumentParser(add_help=False)
     add_model_args(probe)
     names = {a.dest for a in probe._actions} - {"ckpt", "no_progress"}
@@ -85,7 +94,7 @@ def run_batch_command(args) -> int:
                              progress=not args.no_progress)
     try:
         summary = run_batch(args.task, args.input, args.output, params, ckpt=args.ckpt,
-                            load_options=_load_options(args), data_dir=args.data_dir, slices=args.slices,
+                            load_options=load_options_of(args), data_dir=args.data_dir, slices=args.slices,
                             window=args.window, settings=settings)
     except (RayUnavailableError, OutputBusyError) as err:  # usage errors: install Ray, wait or choose --output
         print(f"error: {err}", file=sys.stderr)
@@ -96,4 +105,16 @@ def run_batch_command(args) -> int:
     if summary.get("notice"):
         print(f"note: {summary['notice']}", file=sys.stderr)
     print(f"wrote {args.output / 'records'} and {args.output / 'summary.json'}")
-    return 0
+    return _rows_status(summary, args.output / "summary.json")
+
+
+def _rows_status(summary: dict, summary_path: Path) -> int:
+    """0 when every row is ok; else ``EXIT_ROWS_FAILED`` and one stderr line with the counts (no row's
+    error text: reasons may name patients' files, and they are in the summary and the records)."""
+    not_ok = summary["failed"] + summary["missing"]
+    if not not_ok:
+        return 0
+    missing = f", {summary['missing']} without a record" if summary["missing"] else ""
+    print(f"incomplete: {not_ok} of {summary['rows']} rows not ok ({summary['ok']} ok, {summary['failed']} failed"
+          f"{missing}); reasons in {summary_path}; rerun to retry them", file=sys.stderr)
+    return EXIT_ROWS_FAILED

@@ -118,8 +118,12 @@ class Runner:
         return self.wait(self.submit(task, self.job_fn(task, image, params), None, image, params))
 
     def run_all(self, task: Task, image: Any, params: list[dict]) -> list[TaskResult]:
-        """Several runs of ``task`` queued together (so that the worker may batch them), then waited for."""
-        jobs = [self.submit(task, self.job_fn(task, image, p), None, image, p) for p in params]
+        """Several runs of ``task`` on one input queued together (so that the worker may batch them)."""
+        return self.run_each(task, [(image, p) for p in params])
+
+    def run_each(self, task: Task, runs: list[tuple[Any, dict]]) -> list[TaskResult]:
+        """Runs of ``task``, each an ``(image, params)``, queued together and waited for; results in order."""
+        jobs = [self.submit(task, self.job_fn(task, image, p), None, image, p) for image, p in runs]
         return [self.wait(job) for job in jobs]
 
     def wait(self, job: Job) -> Any:

@@ -85,7 +85,8 @@ class ChatChoice(BaseModel):
 
 
 class Usage(BaseModel):
-    prompt_tokens: int = Field(description="text tokens of the conversation (image tokens not counted)")
+    prompt_tokens: int = Field(description="tokens the model read before answering: text blocks, image blocks "
+                                           "(ViT patch tokens and markers) and the answer's start token")
     completion_tokens: int
     total_tokens: int
 

@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
+from ....inference.understanding import vit_input, vit_token_count
+from ....modeling.layout import TokenLayout
 from ....tasks.catalog import task_generator
 from ....tasks.params import TaskParameterError
 from ....tasks.registry import Task
@@ -80,8 +82,18 @@ def _decoding(req: ChatRequest, vqa: Task) -> dict:
     return out
 
 
+def _prompt_tokens(model: Any, turns: list[dict]) -> int:
+    """The tokens ``chat`` prefills: every turn's text block, every image's ViT block (its patch tokens at
+    the size the model reads it, and the vision markers) and the start token of the answer, laid out by
+    ``TokenLayout`` as the conversation's context is (docs/token-layout.md#conversations)."""
+    rule = model.config.transforms.vqa_vit
+    texts = [len(model.encode_text(t["content"])) for t in turns]
+    images = [vit_token_count(model, vit_input(image, rule)) for t in turns for image in t["images"]]
+    return TokenLayout.planned_length(text=texts, images=images, extra=1)
+
+
 def _usage(runner: Runner, turns: list[dict], completion: int) -> Usage:
-    prompt = sum(len(runner.model.encode_text(t["content"])) for t in turns)
+    prompt = _prompt_tokens(runner.model, turns)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 

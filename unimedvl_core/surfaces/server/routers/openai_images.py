@@ -1,6 +1,7 @@
 """OpenAI-compatible image making: ``POST /v1/images/generations`` (the registry's ``text_to_image``; its
 parameters as extension fields) and ``POST /v1/images/edits`` (multipart; ``task`` picks the registry's
-image-to-image task, ``edit`` by default, and ``prompt`` is its instruction). Images come back as
+image-to-image task, ``edit`` by default, and ``prompt`` is its instruction; several images, ``image[]``,
+are each edited ``n`` times, their results in ``data`` image after image). Images come back as
 ``b64_json`` PNGs labelled synthetic, with the weights and the demonstration-model notice
 (docs/serving.md#images)."""
 
@@ -31,13 +32,19 @@ _EDIT_FIELDS = {"image", "image[]", "prompt", "task", "n", "size", "response_for
                 "output_format"}
 
 
-def _check(settings: Settings, n: int, response_format: str | None, model: str | None, served: str) -> None:
+def _check(settings: Settings, n: int, response_format: str | None, model: str | None, served: str,
+           inputs: int = 1) -> None:
+    """The served model, b64_json, and at most ``max_images_per_request`` outputs (``n`` per input image)."""
     check_model(model, served)
     if response_format not in (None, "b64_json"):
         raise OpenAIHTTPError(400, "response_format: only b64_json is supported (the server keeps no images to "
                                    "link to)", "response_format")
-    if not 1 <= n <= settings.max_images_per_request:
-        raise OpenAIHTTPError(400, f"n: must be between 1 and {settings.max_images_per_request}", "n")
+    most = settings.max_images_per_request
+    if not 1 <= n <= most:
+        raise OpenAIHTTPError(400, f"n: must be between 1 and {most}", "n")
+    if n * inputs > most:
+        raise OpenAIHTTPError(400, f"n: {n} per image for {inputs} images makes {n * inputs} images, more than "
+                                   f"{most} a request", "n")
 
 
 def _size(size: str | None, task: Task) -> dict:
@@ -96,8 +103,19 @@ def _instruction(task: Task, prompt: str, extra: dict) -> dict:
     return extra
 
 
+def _inputs(image: list[UploadFile] | None, images: list[UploadFile] | None) -> list[UploadFile]:
+    """The input images in the order sent: ``image`` (one, or repeated) then ``image[]`` (the openai client's
+    form of a list)."""
+    uploads = [*(image or []), *(images or [])]
+    if not uploads:
+        raise OpenAIHTTPError(400, "image: give an image to edit (image, or image[] for several)", "image")
+    return uploads
+
+
 def _edits(registry: TaskRegistry, /, *, runner: RunnerDep, settings: SettingsDep, served: ServedIdDep,
-           image: UploadFile = File(..., description="the input image: PNG/JPEG/TIFF, .npy or DICOM"),
+           image: list[UploadFile] | None = File(None, description="the input image: PNG/JPEG/TIFF, .npy or DICOM"),
+           images: list[UploadFile] | None = File(None, alias="image[]", description="several input images, each "
+                                                  "edited n times with the same prompt"),
            prompt: str = Form("", description="the instruction (edit, counterfactual), or an override of the "
                                               "task's own instruction (empty: keep it)"),
            task: Any = Form("edit", description="the registry's image-to-image task; its parameters (GET "
@@ -107,15 +125,18 @@ def _edits(registry: TaskRegistry, /, *, runner: RunnerDep, settings: SettingsDe
            mask: UploadFile | None = File(None, description="not supported: a 400"),
            user: str | None = Form(None), output_format: Literal["png"] | None = Form(None),
            extra: dict = Depends(_extra_fields)):
-    """Run an image-to-image task on ``image`` ``n`` times (seeds ``seed``, ``seed+1``, ...)."""
-    _check(settings, n, response_format, model, served)
+    """Run an image-to-image task ``n`` times on each input image (seeds ``seed``, ``seed+1``, ... for each,
+    as a request with that image alone), all queued together; ``data`` holds image 1's ``n`` results, then
+    image 2's, ..."""
+    uploads = _inputs(image, images)
+    _check(settings, n, response_format, model, served, len(uploads))
     if mask is not None:
         raise OpenAIHTTPError(400, "mask: not supported; describe the region in the prompt", "mask")
     found = lookup_task(registry, getattr(task, "value", task))  # the default arrives as text
     params = _resolve(runner, found, _instruction(found, prompt, extra), size)
-    src = load_upload(image, settings)
-    results = runner.run_all(found, src, [found.item_params(params, i) for i in range(n)])
-    return _answer(runner, found, results)
+    sources = [load_upload(upload, settings) for upload in uploads]
+    jobs = [(src, found.item_params(params, i)) for src in sources for i in range(n)]
+    return _answer(runner, found, runner.run_each(found, jobs))
 
 
 def build_router(registry: TaskRegistry) -> APIRouter:

@@ -3,9 +3,10 @@
 - ``derived_image``: a generated or derived image. A single-frame CT or MR source with its geometry and a
   linear window gives a derived image of the same class that keeps the slice geometry (position,
   orientation, pixel spacing scaled to the output size, frame of reference), its pixel values mapped back
-  to modality units through the window the model saw; any other source gives a Secondary Capture
-  (highdicom). Both carry ``ImageType`` DERIVED/SECONDARY, ``SyntheticData`` YES, a derivation
-  description and a reference to the source instance.
+  to modality units through the window the model saw; a frame of an enhanced CT or MR object gives a
+  classic CT or MR image the same way, with that frame's geometry (``enhanced_frame.py``); any other source
+  gives a Secondary Capture (highdicom). All carry ``ImageType`` DERIVED/SECONDARY, ``SyntheticData`` YES,
+  a derivation description and a reference to the source instance (docs/medical-io.md#geometry-of-dicom-outputs).
 - ``report_sr``: answers and reports as a Comprehensive SR (highdicom) whose observer is the algorithm,
   named with its version.
 """
@@ -26,6 +27,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 from .. import __version__
 from .atomic import atomic_path
+from .enhanced_frame import CLASSIC_CLASS_OF_ENHANCED, classic_frame_header
 from .medical_io import MedicalImage
 from .provenance import Provenance
 from .synthetic import DICOM_MANUFACTURER, DICOM_SR_DESCRIPTION
@@ -146,6 +148,7 @@ def contributing_equipment(ref: Dataset | None, provenance: WeightsArg = None) -
     return [*items, ours]
 _AXES = (("L", "R"), ("P", "A"), ("H", "F"))
 _SAME_CLASS = {str(CTImageStorage), str(MRImageStorage)}
+_PLANE_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 
 
 def patient_orientation_of(ds: Dataset) -> tuple[str, str] | None:
@@ -181,9 +184,19 @@ def _source_reference(source: MedicalImage) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = ref.SOPClassUID
     item.ReferencedSOPInstanceUID = ref.SOPInstanceUID
-    if source.frame is not None and int(ref.get("NumberOfFrames", 1) or 1) > 1:
-        item.ReferencedFrameNumber = source.frame + 1
+    frame = _frame_in_object(source)
+    if frame is not None and int(ref.get("NumberOfFrames", 1) or 1) > 1:
+        item.ReferencedFrameNumber = frame + 1
     return item
+
+
+def _frame_in_object(source: MedicalImage) -> int | None:
+    """The 0-based frame of the source's DICOM object the slice is (``frame`` counts the files of a series
+    folder), 0 for a single-frame object, None when a multi-frame object's frame is not known."""
+    if int(source.dataset.get("NumberOfFrames", 1) or 1) == 1:
+        return 0
+    frame = source.geometry.get("dicom_frame", source.frame)
+    return None if frame is None else int(frame)
 
 
 def _label(ds: Dataset, task: str, description: str, series_description: str | None,
@@ -258,11 +271,12 @@ def derived_image_like_source(pixels: np.ndarray, source: MedicalImage, task: st
                               series_instance_uid: str, series_number: int, instance_number: int = 1,
                               series_description: str | None = None, provenance: WeightsArg = None
                               ) -> Dataset | None:
-    """A CT or MR image of the source's class and geometry holding the output, or None when the source is
-    not a single-frame CT/MR slice with a linear value range (then a Secondary Capture is written)."""
-    if not _is_linear_single_frame_ct_or_mr(source):
+    """A single-frame CT or MR image with the source slice's geometry holding the output, or None when the
+    source is neither a single-frame CT/MR slice nor a frame of an enhanced CT/MR object with plane geometry
+    and a linear value range (then a Secondary Capture is written)."""
+    ref = _classic_header_of(source)
+    if ref is None:
         return None
-    ref = source.dataset
     ds = _copy_without_pixel_description(ref)
     values = _modality_values(pixels, source)
     rows, cols = values.shape
@@ -273,18 +287,26 @@ def derived_image_like_source(pixels: np.ndarray, source: MedicalImage, task: st
     _identify_as_derived_instance(ds, ref, series_instance_uid, series_number, instance_number)
     _label(ds, task, description, series_description, provenance)
     ds.SourceImageSequence = DicomSequence([_source_reference(source)])
-    _finish(ds, ref, provenance)
+    _finish(ds, source.dataset, provenance)
     ds.file_meta = _file_meta(ds)
     return ds
 
 
-def _is_linear_single_frame_ct_or_mr(source: MedicalImage) -> bool:
-    """Whether the source is a single-frame CT/MR slice with geometry whose values were shown linearly,
-    so an output can be written back as an image of the same class."""
+def _classic_header_of(source: MedicalImage) -> Dataset | None:
+    """The header an output of this slice is written like: a single-frame CT/MR source's own, or one frame
+    of an enhanced CT/MR object as a classic single-frame image (``classic_frame_header``); None when there
+    is no plane geometry or the values were not shown linearly."""
     ref = source.dataset
-    return (ref is not None and str(ref.get("SOPClassUID", "")) in _SAME_CLASS and source.value_range is not None
-            and int(ref.get("NumberOfFrames", 1) or 1) == 1
-            and all(key in ref for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")))
+    if ref is None or source.value_range is None:
+        return None
+    sop_class = str(ref.get("SOPClassUID", ""))
+    if sop_class in _SAME_CLASS and int(ref.get("NumberOfFrames", 1) or 1) == 1:
+        header = ref
+    elif sop_class in CLASSIC_CLASS_OF_ENHANCED and _frame_in_object(source) is not None:
+        header = classic_frame_header(ref, _frame_in_object(source))
+    else:
+        return None
+    return header if header is not None and all(key in header for key in _PLANE_KEYWORDS) else None
 
 
 def _copy_without_pixel_description(ref: Dataset) -> Dataset:

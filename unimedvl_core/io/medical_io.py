@@ -28,7 +28,7 @@ from .withheld import withhold_dicom_values
 
 __all__ = ["MedicalImage", "ImageReadError", "read_image", "read_slices", "WINDOW_PRESETS", "MODALITY_WINDOWS",
            "MAX_DECLARED_BYTES", "to_uint8_range", "is_dicom_file", "dicom_image_headers", "read_key_slices",
-           "key_slice_indices"]
+           "key_slice_indices", "frame_functional_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class MedicalImage:
         window: (centre, width) applied, in modality units, when a window was used.
         value_range: modality values mapped linearly onto 0..255 (the window's edges, or the data range),
             so that derived outputs can be mapped back; None when a non-linear VOI LUT was used.
-        geometry: spatial metadata of the slice when known (``pixel_spacing``, ``affine`` for NIfTI).
+        geometry: spatial metadata of the slice when known (``pixel_spacing``, ``affine`` for NIfTI,
+            ``dicom_frame``: the 0-based frame within a multi-frame DICOM object, which ``frame`` is not when
+            the object is one file of a series folder).
     """
 
     pixels: np.ndarray = field(repr=False)
@@ -314,6 +316,28 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
         raise ImageReadError(f"{name}: cannot decode pixel data{hint}: {err}") from None
 
 
+def frame_functional_groups(ds: Dataset, frame: int) -> Dataset:
+    """One frame's functional group macros of an enhanced multi-frame object, flattened: the attributes of
+    each macro's item (Plane Position, Pixel Measures, Pixel Value Transformation, ...), per-frame values
+    overriding shared ones. Empty for objects without functional groups."""
+    out = Dataset()
+    groups = []
+    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
+        groups.append(ds.SharedFunctionalGroupsSequence[0])
+    if "PerFrameFunctionalGroupsSequence" in ds and 0 <= frame < len(ds.PerFrameFunctionalGroupsSequence):
+        groups.append(ds.PerFrameFunctionalGroupsSequence[frame])
+    for group in groups:
+        for macro in group:
+            if macro.VR == "SQ" and len(macro.value):
+                for element in macro.value[0]:
+                    out.add(element)
+    return out
+
+
+_FRAME_VALUE_KEYWORDS = ("RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
+                         "VOILUTFunction")
+
+
 def _frame_attributes(ds: Dataset, frame: int) -> Dataset:
     """A small dataset holding what the Modality LUT and VOI steps need for one frame, including the
     values an enhanced multi-frame object keeps in its shared or per-frame functional groups."""
@@ -323,19 +347,10 @@ def _frame_attributes(ds: Dataset, frame: int) -> Dataset:
                "VOILUTFunction", "VOILUTSequence", "Modality"):
         if kw in ds:
             setattr(out, kw, ds[kw].value)
-    groups = []
-    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
-        groups.append(ds.SharedFunctionalGroupsSequence[0])
-    if "PerFrameFunctionalGroupsSequence" in ds and frame < len(ds.PerFrameFunctionalGroupsSequence):
-        groups.append(ds.PerFrameFunctionalGroupsSequence[frame])
-    for group in groups:
-        for seq_kw, kws in (("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
-                            ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction"))):
-            if seq_kw in group and len(group[seq_kw].value):
-                item = group[seq_kw].value[0]
-                for kw in kws:
-                    if kw in item:
-                        setattr(out, kw, item[kw].value)
+    groups = frame_functional_groups(ds, frame)
+    for kw in _FRAME_VALUE_KEYWORDS:
+        if kw in groups:
+            setattr(out, kw, groups[kw].value)
     return out
 
 
@@ -421,8 +436,11 @@ def _dicom_slices(ds: Dataset, name: str, frames, window: WindowArg, middle_only
         else:
             raise ImageReadError(f"{name}: unsupported photometric interpretation {photometric}")
         geometry = {}
-        if "PixelSpacing" in ds:
-            geometry["pixel_spacing"] = [float(v) for v in ds.PixelSpacing]
+        spacing = frame_functional_groups(ds, index).get("PixelSpacing") or ds.get("PixelSpacing")
+        if spacing:
+            geometry["pixel_spacing"] = [float(v) for v in spacing]
+        if count > 1:
+            geometry["dicom_frame"] = index
         out.append(MedicalImage(np.ascontiguousarray(pixels), name, dataset=ds, frame=index if count > 1 else None,
                                 num_frames=count, modality=modality, window=used, geometry=geometry,
                                 value_range=span))

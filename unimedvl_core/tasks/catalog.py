@@ -183,6 +183,44 @@ def run_text_to_image_batch(model, images, params: list[dict], options: RunOptio
     return [TaskResult("text_to_image", image=image) for image in out]
 
 
+def _editing_batch(params: list[dict], options: RunOptions) -> dict:
+    """The shared editing arguments of requests that differ only in what ``Batching.per_request`` names,
+    each request drawing its noise from its own seed."""
+    return dict(_editing(params[0], options), generator=[task_generator(p["seed"]) for p in params])
+
+
+def run_edit_batch(model, images, params: list[dict], options: RunOptions) -> list[TaskResult]:
+    out = model.edit_image(list(images), [p["instruction"] for p in params], height=params[0]["height"],
+                           width=params[0]["width"], **_editing_batch(params, options))
+    return [TaskResult("edit", image=image) for image in out]
+
+
+def run_super_resolution_batch(model, images, params: list[dict], options: RunOptions) -> list[TaskResult]:
+    first = params[0]
+    out = model.super_resolve(list(images), scale=first["scale"], instruction=first["instruction"],
+                              **_editing_batch(params, options))
+    return [TaskResult("super_resolution", image=image) for image in out]
+
+
+def run_virtual_staining_batch(model, images, params: list[dict], options: RunOptions) -> list[TaskResult]:
+    first = params[0]
+    out = model.virtual_stain(list(images), stain=first["stain"], instruction=first["instruction"],
+                              **_editing_batch(params, options))
+    return [TaskResult("virtual_staining", image=image) for image in out]
+
+
+def run_contrast_translation_batch(model, images, params: list[dict], options: RunOptions) -> list[TaskResult]:
+    first = params[0]
+    out = model.translate_contrast(list(images), source=first["source"], target=first["target"],
+                                   instruction=first["instruction"], **_editing_batch(params, options))
+    return [TaskResult("contrast_translation", image=image) for image in out]
+
+
+def _edits_without_analysis(model, params: dict) -> bool:
+    """Edits batch unless the model first describes a strategy per image (a text pass of its own)."""
+    return not params.get("analyze_first")
+
+
 def _answer_batch(model, images, questions: list[str], p: dict) -> list[str]:
     return model.answer_batch(images, questions, max_new_tokens=p["max_new_tokens"], do_sample=p["do_sample"],
                               temperature=p["temperature"], top_p=p["top_p"])
@@ -207,6 +245,11 @@ def _greedy_with_batch_api(model, params: dict) -> bool:
 TEXT_TO_IMAGE_BATCHING = Batching(("prompt", "seed"), run_text_to_image_batch)
 VQA_BATCHING = Batching(("question", "seed"), run_vqa_batch, _greedy_with_batch_api)
 REPORT_BATCHING = Batching(("prompt", "seed"), run_report_batch, _greedy_with_batch_api)
+# Image-to-image requests run as one batched edit (several images per forward, grouped by output size).
+EDIT_BATCHING = Batching(("instruction", "seed"), run_edit_batch, _edits_without_analysis)
+SUPER_RESOLUTION_BATCHING = Batching(("seed",), run_super_resolution_batch, _edits_without_analysis)
+STAINING_BATCHING = Batching(("seed",), run_virtual_staining_batch, _edits_without_analysis)
+TRANSLATION_BATCHING = Batching(("seed",), run_contrast_translation_batch, _edits_without_analysis)
 
 # Where each image task applies by default in study runs (the MAP; a task file may change it): super-
 # resolution for cross-sectional slices of at most 512 px (radiographs and mammograms are already 2000+ px),
@@ -238,24 +281,24 @@ def _builtin_tasks() -> list[Task]:
              examples=('unimedvl text_to_image --prompt "CT image with two lesions." --out ct.png',)),
         Task("edit", "image-to-image from an instruction", "image", "image",
              (_text("instruction", "what to change"), *_size_params(), *_editing_params(), *_tiling_params("edit")),
-             run_edit,
+             run_edit, batching=EDIT_BATCHING,
              examples=('unimedvl edit --image t2.nii.gz --instruction "..." --out out.png',)),
         Task("super_resolution", "x2/x4 super-resolution", "image", "image",
              (Param("scale", "int", 4, "upscaling factor", choices=(2, 4)), _text("instruction", _OVERRIDE, False),
               *_editing_params(), *_tiling_params("super_resolution")), run_super_resolution,
-             applies=SUPER_RESOLUTION_APPLIES,
+             applies=SUPER_RESOLUTION_APPLIES, batching=SUPER_RESOLUTION_BATCHING,
              examples=("unimedvl super_resolution --image lowres.png --scale 4 --out sr.png",)),
         Task("virtual_staining", "virtual staining of an H&E pathology image", "image", "image",
              (Param("stain", "str", "IHC", "the target stain", max_length=40), _text("instruction", _OVERRIDE, False),
               *_editing_params(), *_tiling_params("virtual_staining")), run_virtual_staining, aliases=("stain",),
-             applies=STAINING_APPLIES,
+             applies=STAINING_APPLIES, batching=STAINING_BATCHING,
              examples=("unimedvl virtual_staining --image he_patch.png --out ihc.png",)),
         Task("contrast_translation", "MRI contrast translation (e.g. T2 to FLAIR)", "image", "image",
              (Param("source", "str", "T2", "the input's contrast", max_length=40),
               Param("target", "str", "FLAIR", "the contrast to make", max_length=40),
               _text("instruction", _OVERRIDE, False), *_editing_params(), *_tiling_params("contrast_translation")),
              run_contrast_translation,
-             aliases=("translate",), applies=TRANSLATION_APPLIES,
+             aliases=("translate",), applies=TRANSLATION_APPLIES, batching=TRANSLATION_BATCHING,
              examples=("unimedvl contrast_translation --image t2.dcm --source T2 --target FLAIR --out flair.png",)),
         Task("counterfactual", "a counterfactual edit and the model's explanation", "image", "image",
              (_text("instruction", "the counterfactual change"),

@@ -100,21 +100,21 @@ def flash_attn_shim():
                                dropout_p=0.0, softmax_scale=None, causal=False, **_):
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         outs = []
-        for i in range(len(cq) - 1):
-            qi, ki, vi = (x[a:b].transpose(0, 1) for x, a, b in
+        for i in range(len(cq) - 1):  # (1, heads, length, dim): SDPA's fused CPU kernel takes 4-d inputs only
+            qi, ki, vi = (x[a:b].transpose(0, 1)[None] for x, a, b in
                           ((q, cq[i], cq[i + 1]), (k, ck[i], ck[i + 1]), (v, ck[i], ck[i + 1])))
-            (heads, lq, dim), (kv_heads, lk, _) = qi.shape, ki.shape
+            (_, heads, lq, dim), (_, kv_heads, lk, _) = qi.shape, ki.shape
             groups = heads // kv_heads
             if not causal or lq == 1:  # query head h uses key/value head h // groups
                 out = torch.nn.functional.scaled_dot_product_attention(
-                    qi.reshape(kv_heads, groups * lq, dim), ki, vi, scale=softmax_scale).reshape(heads, lq, dim)
+                    qi.reshape(1, kv_heads, groups * lq, dim), ki, vi, scale=softmax_scale).reshape(1, heads, lq, dim)
             else:
-                ki, vi = ki.repeat_interleave(groups, 0), vi.repeat_interleave(groups, 0)
+                ki, vi = ki.repeat_interleave(groups, 1), vi.repeat_interleave(groups, 1)
                 square = lq == lk  # then top-left (SDPA's) and bottom-right alignment agree
                 mask = None if square else torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
                 out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=square,
                                                                        scale=softmax_scale)
-            outs.append(out.transpose(0, 1))
+            outs.append(out[0].transpose(0, 1))
         return torch.cat(outs)
 
     module = types.ModuleType("flash_attn")

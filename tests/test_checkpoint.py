@@ -167,3 +167,28 @@ def test_disk_offload_through_accelerate_gives_the_same_answer(tmp_path):
     b = offloaded.answer(PARITY / "image448.png", question, max_new_tokens=5, output_logits=True)
     assert a.token_ids == b.token_ids
     assert torch.allclose(a.logits, b.logits, atol=1e-6)
+
+
+def test_saved_tokenizer_config_is_readable_by_transformers_4(tmp_path):
+    """docs/checkpoint.md#tokenizer-files: transformers 5 writes ``extra_special_tokens`` as a list, which the
+    reference's transformers 4.49 cannot read; saved checkpoints carry the 4.x form with the same ids."""
+    from unimedvl_core.modeling.tokenizer import load_tokenizer
+
+    model = random_model()
+    model.tokenizer.save_pretrained(str(tmp_path / "v5"))
+    assert isinstance(json.loads((tmp_path / "v5" / "tokenizer_config.json").read_text())["extra_special_tokens"],
+                      list)  # what transformers 5 writes (else this test checks nothing)
+    from unimedvl_core.io.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "saved", model.config, {"ema.safetensors": model.model.state_dict()}, model.vae,
+                    tokenizer_dir=tmp_path / "v5")
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    added = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())["added_tokens"]
+    assert "extra_special_tokens" not in config
+    assert {int(k): v["content"] for k, v in config["added_tokens_decoder"].items()} == \
+        {t["id"]: t["content"] for t in added}
+    assert "<|vision_start|>" in config["additional_special_tokens"]
+    source = json.loads((tmp_path / "v5" / "tokenizer_config.json").read_text())
+    assert source.get("extra_special_tokens")  # the source folder is not rewritten
+    text = "<|im_start|>user Is there a lesion?<|im_end|><|vision_start|><|vision_end|> héllo"
+    assert load_tokenizer(tmp_path / "saved")(text).input_ids == model.tokenizer(text).input_ids

@@ -117,3 +117,58 @@ def test_a_kept_decode_workspace_serves_prompts_of_other_lengths(tiny_model):
                              lambda x: choose_tokens(x, False, 1.0, 1.0, None))
         assert result.token_ids[0] == tiny_model.answer(image, question, max_new_tokens=10, return_dict=True).token_ids
     assert len(kept) == 1  # one workspace, reused
+
+
+def _llm_over_cache(net, embeds, positions, routing, causal, outputs=None, lengths=(5,)):
+    """Run a block after cached prefixes of ``lengths`` (random keys); returns (hidden, cache)."""
+    cfg = net.language_model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cache = KVCache(cfg.num_hidden_layers, len(lengths), max(lengths) + embeds.shape[1], cfg.num_key_value_heads,
+                    head_dim, torch.float32, "cpu")
+    noise = torch.Generator().manual_seed(1)
+    for layer in range(cache.num_layers):
+        cache.keys[layer].normal_(generator=noise)
+        cache.values[layer].normal_(generator=noise)
+    cache.lengths = list(lengths)
+    attend = CachedAttention(cache, embeds.shape[1], causal)
+    return net.run_llm(embeds, positions, routing, attend, outputs), cache
+
+
+@pytest.mark.parametrize("block", ["text", "image"])
+@pytest.mark.parametrize("outputs", [0, 1, 3])
+def test_last_rows_only_equal_the_full_forward(tiny_model, block, outputs):
+    """``outputs=n`` (Context.run, docs/performance.md#unused-outputs) gives the full forward's last n hidden
+    states and writes the same keys and values, for a causal text block and an image block whose last rows
+    mix the generation expert (latents) and the understanding expert (the end marker)."""
+    from unimedvl_core.modeling.qwen2_mot import ExpertRouting
+
+    net = tiny_model.model
+    length = 7
+    embeds = torch.randn(1, length, net.config.llm["hidden_size"], generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(5, 5 + length)[None]
+    routing = ExpertRouting.understanding() if block == "text" else ExpertRouting.image_block(length - 2)
+    with torch.inference_mode():
+        full, full_cache = _llm_over_cache(net, embeds, positions, routing, block == "text")
+        last, last_cache = _llm_over_cache(net, embeds, positions, routing, block == "text", outputs)
+    assert last.shape == (1, outputs, embeds.shape[2])
+    torch.testing.assert_close(last, full[:, length - outputs:], rtol=1e-5, atol=1e-5)
+    for layer in range(full_cache.num_layers):
+        torch.testing.assert_close(last_cache.keys[layer], full_cache.keys[layer], rtol=0, atol=0)
+
+
+def test_guidance_rows_of_different_lengths_attend_as_if_alone(tiny_model):
+    """Rows with different cached lengths (guidance branches) attend unpadded, run by run: each row's result
+    equals that row run alone over its own cache."""
+    from unimedvl_core.modeling.qwen2_mot import ExpertRouting
+
+    net = tiny_model.model
+    embeds = torch.randn(3, 6, net.config.llm["hidden_size"], generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(9, 15)[None].expand(3, -1)
+    routing = ExpertRouting.image_block(4)
+    with torch.inference_mode():
+        together, cache = _llm_over_cache(net, embeds, positions, routing, False, lengths=(9, 9, 2))
+        assert CachedAttention(cache, 6, causal=False).runs == [(0, 2, 9), (2, 3, 2)]
+        for row, n in enumerate((9, 9, 2)):
+            own = KVCache.stack([(cache, row, n)], extra_capacity=6)
+            alone = net.run_llm(embeds[row:row + 1], positions[:1], routing, CachedAttention(own, 6, causal=False))
+            torch.testing.assert_close(together[row:row + 1], alone, rtol=1e-5, atol=1e-5)

@@ -51,9 +51,9 @@ def _recording(context: Context) -> list[int]:
     seen: list[int] = []
     run = context.run
 
-    def recorded(embeds, positions, routing, causal, keep=True):
+    def recorded(embeds, positions, routing, causal, **options):
         seen.extend(positions.tolist())
-        return run(embeds, positions, routing, causal, keep)
+        return run(embeds, positions, routing, causal, **options)
 
     context.run = recorded
     return seen

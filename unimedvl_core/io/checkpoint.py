@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..modeling.config import UniMedVLConfig
+from ..modeling.tokenizer import make_tokenizer_config_portable
 from ..modeling.unimedvl import UniMedVLModel
 from ..modeling.vae import build_vae, diffusers_to_flux, diffusers_to_flux_key, flux_to_diffusers, strip_module_prefixes
 
@@ -257,4 +258,6 @@ def save_checkpoint(out_dir: str | Path, config: UniMedVLConfig, weights: dict[s
                 shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
     elif tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+    if (out_dir / "tokenizer_config.json").is_file() and (out_dir / "tokenizer.json").is_file():
+        make_tokenizer_config_portable(out_dir)
     return out_dir

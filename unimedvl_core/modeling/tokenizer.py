@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # transformers is imported when a tokenizer is loaded or trai
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["IM_START", "IM_END", "VISION_START", "VISION_END", "END_OF_TEXT", "QWEN2_SPECIAL_TOKENS", "SpecialTokenIds",
-           "load_tokenizer", "train_tokenizer", "TokenizerError"]
+           "load_tokenizer", "train_tokenizer", "make_tokenizer_config_portable", "TokenizerError"]
 
 # Spec 4.1: every text block is <|im_start|> ... <|im_end|>; images sit between the vision markers.
 IM_START = "<|im_start|>"
@@ -119,4 +119,22 @@ def train_tokenizer(corpus: Iterable[str], out_dir: str | Path, vocab_size: int 
     cfg.update(tokenizer_class="Qwen2Tokenizer", add_bos_token=False, add_prefix_space=False, errors="replace",
                split_special_tokens=False)
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    make_tokenizer_config_portable(out_dir)
     return load_tokenizer(out_dir)
+
+
+def make_tokenizer_config_portable(folder: str | Path) -> None:
+    """Rewrite a transformers-5 ``tokenizer_config.json`` in ``folder`` in the form transformers 4 reads too
+    (the published implementation pins 4.49, whose slow ``Qwen2Tokenizer`` fails on a list of
+    ``extra_special_tokens`` and takes the added tokens' ids from ``added_tokens_decoder``;
+    docs/checkpoint.md#tokenizer-files). Transformers 5 reads the result to the same ids. A config already in
+    that form is left as it is."""
+    cfg_path = Path(folder) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if not isinstance(cfg.get("extra_special_tokens"), list):
+        return
+    cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")
+    cfg.pop("backend", None)  # a transformers-5 field
+    added = json.loads((Path(folder) / "tokenizer.json").read_text())["added_tokens"]
+    cfg["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
+    cfg_path.write_text(json.dumps(dict(sorted(cfg.items())), indent=2, ensure_ascii=False))

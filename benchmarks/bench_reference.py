@@ -177,20 +177,20 @@ def import_reference(codes: Path):
 
 
 def released_tokenizer_view(ckpt: Path, folder: Path) -> Path:
-    """The checkpoint as the reference's transformers 4.49 reads it. Our tokenizer_config.json is written by
-    transformers 5: ``extra_special_tokens`` is a list (4.49 expects a dict and fails) and the added tokens are
-    only in tokenizer.json (the slow tokenizer reads their ids from ``added_tokens_decoder``). Rewritten in
-    the 4.x form in a folder of links to the other files; the checkpoint itself is not touched."""
+    """The checkpoint as the reference's transformers 4.49 reads it. Checkpoints we save carry a
+    tokenizer_config.json that 4.49 reads (docs/checkpoint.md#tokenizer-files); one written by transformers 5
+    alone (``extra_special_tokens`` a list) is shown in the portable form in a folder of links to the other
+    files, the checkpoint itself untouched."""
+    from unimedvl_core.modeling.tokenizer import make_tokenizer_config_portable
+
     config = json.loads((ckpt / "tokenizer_config.json").read_text())
     if not isinstance(config.get("extra_special_tokens"), list):
         return ckpt
     for item in ckpt.iterdir():
-        (folder / item.name).symlink_to(item)
-    config["additional_special_tokens"] = config.pop("extra_special_tokens")
-    added = json.loads((ckpt / "tokenizer.json").read_text())["added_tokens"]
-    config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
-    (folder / "tokenizer_config.json").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        if item.name != "tokenizer_config.json":
+            (folder / item.name).symlink_to(item)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    make_tokenizer_config_portable(folder)
     return folder
 
 

@@ -322,6 +322,9 @@ def test_evaluation_above_threshold_runs_on_ray_with_the_same_answers(ray_sessio
     assert on_demand.name == model.name
     assert [r["prediction"] for r in on_ray] == [r["prediction"] for r in records]
     assert ray_scores == scores
+    never_here = ModelOnDemand(None, {"dtype": "float32"}, lambda: loads.append(1) or model)
+    ev.evaluate_vqa(never_here, items[:6], max_new_tokens=2, progress=False)
+    assert len(loads) == 1 and never_here.notice == model.provenance.notice  # from the actors' summary
     held, _ = ev.evaluate_vqa(model, items, max_new_tokens=8, progress=False)  # a caller's loaded model works too
     assert [r["prediction"] for r in held] == [r["prediction"] for r in records]
 

@@ -39,6 +39,7 @@ class ModelOnDemand:
         self.spec = (None if ckpt is None else str(ckpt), dict(load_options))
         self._load, self._model = load, None
         self.name: str | None = None  # the weights' name, once loaded here or reported by the actors
+        self.notice: str | None = None  # the demonstration model's notice, known the same way
 
     @property
     def loaded(self) -> bool:
@@ -48,6 +49,7 @@ class ModelOnDemand:
         if self._model is None:
             self._model = self._load()
             self.name = self._model.name
+            self.notice = self._model.provenance.notice
         return self._model
 
     def release(self) -> None:

@@ -315,6 +315,7 @@ def _answers_on_ray(model, images: Sequence, questions: Sequence[str], max_new_t
         latest = RecordStore(out).load()
     if isinstance(model, ModelOnDemand):
         model.name = model.name or summary["model"].get("name")
+        model.notice = model.notice or summary.get("notice")
     if summary["failed"]:
         logging.getLogger(__name__).warning("%d of %d items failed: %s", summary["failed"], len(items),
                                             summary["failures"][0]["error"])

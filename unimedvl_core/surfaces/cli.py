@@ -208,10 +208,12 @@ def _evaluate(args) -> int:
             raise ValueError(f"--vqa takes FORMAT=PATH, got {spec!r}")
         fmt, path = spec.split("=", 1)
         vqa.append({"format": fmt, "path": path, "name": fmt})
-    model = ModelOnDemand(args.ckpt, load_options_of(args), lambda: _noted(_load(args)))  # docs/batch.md#evaluation
+    model = ModelOnDemand(args.ckpt, load_options_of(args), lambda: _load(args))  # docs/batch.md#evaluation
     results = EvaluationRunner(model, str(args.out), vqa=vqa, reports=args.reports, editing=args.editing,
                                text_to_image=args.t2i, fid_extractor=args.fid_extractor, data_dir=args.data_dir,
                                limit=args.limit, num_inference_steps=args.steps, progress=not args.no_progress).run()
+    if model.notice:  # known once the model was loaded here or by the Ray actors
+        print(f"note: {model.notice}", file=sys.stderr)
     print((args.out / "results.md").read_text())
     print(f"wrote {', '.join(results['files'].values())}")
     return 0

@@ -462,3 +462,67 @@ def test_a_stream_closed_early_cancels_its_job():
     assert job.done_event.wait(5) and job.status == "cancelled" and len(sent) < 200
     full = list(stream_job(runner, "chat", make_fn))
     assert full[-1] == ("done", "all") and len(full) == 201
+
+
+# ----- reports stream as VQA answers do -----
+def phantom_npy() -> bytes:
+    """A slice with one bright lesion, which the embedded demonstration model reports on at length."""
+    image = np.zeros((64, 48), np.uint8)
+    image[20:40, 10:30], image[28:32, 18:22] = 100, 230
+    return npy_bytes(image)
+
+
+def report_events(client, data: dict) -> list[dict]:
+    with client.stream("POST", "/v1/report", files={"image": ("a.npy", phantom_npy())},
+                       data={**data, "stream": "true"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+
+
+def test_report_streams_tokens_and_keeps_the_modality(embedded_model):
+    """The streamed report is the JSON one piece by piece, with the notice at the end; ``modality`` reaches
+    the prompt in both (the demonstration model names the modality it was told)."""
+    app = create_app(model=embedded_model, settings=Settings(token=TOKEN))
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        r = client.post("/v1/report", files={"image": ("a.npy", phantom_npy())},
+                        data={"modality": "CT", "max_new_tokens": 24})
+        assert r.headers["content-type"] == "application/json" and set(r.json()) == {"report", "notice"}
+        full = r.json()["report"]
+        events = report_events(client, {"modality": "CT", "max_new_tokens": 24})
+        assert len(events) > 3 and "".join(e["token"] for e in events[:-1]) == full
+        assert events[-1] == {"done": True, "report": full, "notice": embedded_model.provenance.notice}
+        assert "CT image" in full
+        untold = report_events(client, {"max_new_tokens": 24})[-1]["report"]
+        assert untold != full and "CT" not in untold
+        assert client.post("/v1/report", files={"image": ("a.npy", phantom_npy())},
+                           data={"stream": "maybe"}).status_code == 422
+
+
+def test_report_route_documents_its_stream(client):
+    schema = client.get("/openapi.json").json()
+    ok = schema["paths"]["/v1/report"]["post"]["responses"]["200"]
+    assert {"application/json", "text/event-stream"} <= set(ok["content"])
+    assert "{done, report, notice}" in ok["description"]
+    assert {"stream", "modality"} <= set(schema["components"]["schemas"]["Body_report_v1_report_post"]["properties"])
+
+
+def test_a_report_stream_closed_after_its_first_piece_stops_the_decoding(tiny_model):
+    """The client's ``report_stream`` over a real socket: whole, its pieces are the JSON report; closed after
+    the first piece of a report that would run to the longest allowed, the server's job ends cancelled (it
+    would end ``done`` had it decoded on) and the model is free for the next request."""
+    from unimedvl_core.surfaces.client import UniMedVLClient
+    from unimedvl_core.tasks.catalog import MAX_NEW_TOKENS
+
+    from .test_openai_compat import LoopbackServer
+
+    image = np.load(io.BytesIO(phantom_npy()))
+    app = create_app(model=tiny_model, settings=Settings(token=TOKEN))
+    with LoopbackServer(app) as url:
+        remote = UniMedVLClient(url, TOKEN)
+        assert "".join(remote.report_stream(image, max_new_tokens=12)) == remote.report(image, max_new_tokens=12)
+        stream = remote.report_stream(image, max_new_tokens=MAX_NEW_TOKENS)
+        assert next(stream)
+        stream.close()
+        job = list(app.state.worker.jobs.values())[-1]
+        assert job.task == "report" and job.done_event.wait(60) and job.status == "cancelled"
+        assert remote.report(image, max_new_tokens=2)

@@ -164,6 +164,40 @@ def test_cancel_closes_a_streaming_remote_answer(logic, scene):
     assert answer and len(logic.conversation.turns) == 2
 
 
+def test_a_remote_report_streams_into_the_logic(logic, scene):
+    volume, _ = make_volume(scene)
+    pieces = []
+    report, node = logic.report(volume, 1, max_new_tokens=8, on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == report and node.GetText().startswith(report)
+    assert report == logic.backend.client.report(UniMedVLLogic.display_slice(volume, 1), max_new_tokens=8)
+
+
+def test_cancel_closes_a_streaming_remote_report_and_the_server_stops(tiny_model, scene):
+    """Cancel at the first piece of a report that would run to the longest allowed: ``Cancelled``, nothing
+    lands, and the server's job ends cancelled (``done`` had it decoded on); the server answers the next."""
+    from unimedvl_core.surfaces.server.app import Settings, create_app
+    from unimedvl_core.tasks.catalog import MAX_NEW_TOKENS
+
+    from .test_openai_compat import LoopbackServer
+
+    app = create_app(model=tiny_model, settings=Settings(token=TOKEN))
+    with LoopbackServer(app) as url:
+        logic = UniMedVLLogic(RemoteBackend(url, TOKEN))
+        volume, _ = make_volume(scene)
+        pieces, cancel = [], threading.Event()
+
+        def on_text(piece):
+            pieces.append(piece)
+            cancel.set()
+
+        with pytest.raises(Cancelled):
+            logic.report(volume, 1, max_new_tokens=MAX_NEW_TOKENS, cancel=cancel.is_set, on_text=on_text)
+        job = list(app.state.worker.jobs.values())[-1]
+        assert len(pieces) == 1 and scene.GetNumberOfNodesByClass("vtkMRMLTextNode") == 0
+        assert job.task == "report" and job.done_event.wait(60) and job.status == "cancelled"
+        assert logic.report(volume, 1, max_new_tokens=2)[0]
+
+
 def test_questions_go_to_the_server_in_the_openai_format(scene):
     import base64
     import io
@@ -370,6 +404,12 @@ def test_cancel_stops_a_streaming_local_answer_and_nothing_lands(embedded_model,
     with pytest.raises(Cancelled):
         logic.compute_report(_report_question()[0]["images"][0], 24, lambda: asked.append(1) or len(asked) >= 3)
     assert len(asked) == 3
+
+
+def test_a_local_report_streams_its_pieces(embedded_model):
+    pieces = []
+    report = LocalBackend(embedded_model).report(_report_question()[0]["images"][0], 24, None, pieces.append)
+    assert len(pieces) > 3 and "".join(pieces) == report
 
 
 def test_two_threads_never_run_the_local_model_at_once(embedded_model, monkeypatch):

@@ -351,11 +351,11 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             image = logic.display_slice(volume, k)
 
             def done(text):
-                node = logic.add_text_node(slicer.mrmlScene, f"UniMedVL draft report (slice {k})", text)
-                self.ui.chatBrowser.append(f"\nDraft report (slice {k}, AI-generated):\n{node.GetText()}\n")
+                logic.add_text_node(slicer.mrmlScene, f"UniMedVL draft report (slice {k})", text)
 
+            self.ui.chatBrowser.append(f"\nDraft report (slice {k}, AI-generated):\n")  # the report streams in
             self._run("drafting the report...", lambda progress, cancelled, text: logic.compute_report(
-                image, None, cancelled), done)
+                image, None, cancelled, text), done)
 
     def _generation_params(self):
         p = self._parameterNode

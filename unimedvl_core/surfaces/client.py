@@ -6,6 +6,7 @@ Python) can talk to a server without torch installed. It sends images as ``.npy`
     client.tasks()  # every task with its parameters, defaults and limits
     client.vqa(array, "Is there a pleural effusion?")
     for piece in client.vqa_stream(array, "Describe the image."): print(piece, end="")
+    for piece in client.report_stream(array, modality="CT"): print(piece, end="")
     image = client.generate("CT image with two lesions.", num_inference_steps=25)
     job = client.submit_image_task("super_resolution", array, {"scale": 2}); client.wait(job, progress=print)
     client.chat([{"role": "user", "content": [{"type": "text", "text": "Any effusion?"},
@@ -14,7 +15,7 @@ Python) can talk to a server without torch installed. It sends images as ``.npy`
 
 ``chat`` speaks the OpenAI-compatible ``/v1/chat/completions`` (docs/serving.md): messages in OpenAI's format,
 images as data URLs (``data_url`` makes one from an array). Answers of the embedded demonstration model carry
-its notice: ``chat`` returns it in ``client.last_notice``.
+its notice: ``chat`` and the streams put it in ``client.last_notice``.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class UniMedVLClient:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self.last_notice: str | None = None  # the demonstration-model notice of the last chat answer
+        self.last_notice: str | None = None  # the demonstration-model notice of the last streamed or chat answer
 
     # ----- transport -----
     def _request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
@@ -156,8 +157,25 @@ class UniMedVLClient:
     def vqa_stream(self, image: np.ndarray, question: str, max_new_tokens: int | None = None,
                    **options) -> Iterator[str]:
         """Yields the answer piece by piece as the server decodes it."""
-        response = self._form("/v1/vqa", image, {"question": question, "max_new_tokens": max_new_tokens,
-                                                 "stream": True, **options}, stream=True)
+        return self._text_stream("/v1/vqa", image, {"question": question, "max_new_tokens": max_new_tokens,
+                                                    **options})
+
+    def report(self, image: np.ndarray, prompt: str | None = None, modality: str | None = None,
+               max_new_tokens: int | None = None) -> str:
+        data, _ = self._form("/v1/report", image, {"prompt": prompt, "modality": modality,
+                                                   "max_new_tokens": max_new_tokens})
+        return json.loads(data)["report"]
+
+    def report_stream(self, image: np.ndarray, prompt: str | None = None, modality: str | None = None,
+                      max_new_tokens: int | None = None, **options) -> Iterator[str]:
+        """Yields the report piece by piece as the server decodes it."""
+        return self._text_stream("/v1/report", image, {"prompt": prompt, "modality": modality,
+                                                       "max_new_tokens": max_new_tokens, **options})
+
+    def _text_stream(self, path: str, image: np.ndarray, fields: dict) -> Iterator[str]:
+        """The ``{token}`` events of a ``stream=true`` route until ``{done}``; the notice goes to
+        ``last_notice``. Closing the iterator early closes the connection, which stops the server's decoding."""
+        response = self._form(path, image, {**fields, "stream": True}, stream=True)
         with response:
             for raw in response:
                 line = raw.decode().strip()
@@ -167,14 +185,9 @@ class UniMedVLClient:
                 if "error" in event:
                     raise ServerError(500, event["error"])
                 if event.get("done"):
+                    self.last_notice = event.get("notice")
                     return
                 yield event["token"]
-
-    def report(self, image: np.ndarray, prompt: str | None = None, modality: str | None = None,
-               max_new_tokens: int | None = None) -> str:
-        data, _ = self._form("/v1/report", image, {"prompt": prompt, "modality": modality,
-                                                   "max_new_tokens": max_new_tokens})
-        return json.loads(data)["report"]
 
     def generate(self, prompt: str, **params) -> np.ndarray:
         data, headers = self._request("POST", "/v1/generate", json.dumps({"prompt": prompt, "output": "npy", **params})

@@ -80,22 +80,14 @@ class RemoteBackend:
         through the server's OpenAI-compatible chat route, streamed piece by piece to ``on_text``. On
         ``cancel`` the stream is closed (the server then stops decoding) and ``Cancelled`` raised."""
         wire = openai_messages(messages, shipped_module("surfaces.client").data_url)
-        pieces = []
-        stream = self.client.chat(wire, max_tokens=max_new_tokens, stream=True)
-        try:
-            for piece in stream:
-                check_cancel(cancel)
-                pieces.append(piece)
-                if on_text is not None:
-                    on_text(piece)
-        finally:
-            stream.close()
-        return "".join(pieces)
+        return _read_stream(self.client.chat(wire, max_tokens=max_new_tokens, stream=True), on_text, cancel)
 
-    def report(self, image: np.ndarray, max_new_tokens: int | None, cancel: Cancel | None = None) -> str:
-        # one request: a cancel during it is heard when it returns (BackgroundJob then drops the report)
+    def report(self, image: np.ndarray, max_new_tokens: int | None, cancel: Cancel | None = None,
+               on_text: Callable[[str], None] | None = None) -> str:
+        """A draft report of the image, streamed from ``/v1/report`` piece by piece to ``on_text``; on
+        ``cancel`` the stream is closed (the server then stops decoding) and ``Cancelled`` raised."""
         check_cancel(cancel)
-        return self.client.report(image, max_new_tokens=max_new_tokens)
+        return _read_stream(self.client.report_stream(image, max_new_tokens=max_new_tokens), on_text, cancel)
 
     def generate(self, prompt: str, params: dict, progress: Progress | None, cancel: Cancel | None) -> np.ndarray:
         job = self.client.submit_generate(prompt, **params)
@@ -164,9 +156,9 @@ class LocalBackend:
         with self._model_turn(cancel) as model:
             return model.chat(messages, streamer=_streamer(on_text, cancel), **decoding)
 
-    def report(self, image, max_new_tokens, cancel=None):
+    def report(self, image, max_new_tokens, cancel=None, on_text=None):
         params = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
-        return self._run("report", image, params, cancel=cancel).text
+        return self._run("report", image, params, cancel=cancel, on_text=on_text).text
 
     def generate(self, prompt, params, progress, cancel):
         return np.asarray(self._run("text_to_image", None, {**params, "prompt": prompt}, progress, cancel).image)
@@ -180,6 +172,22 @@ def check_cancel(cancel: Cancel | None) -> None:
     """Raises the client's ``Cancelled`` when ``cancel()`` says so: how a running call stops."""
     if cancel is not None and cancel():
         raise shipped_module("surfaces.client").Cancelled("cancelled")
+
+
+def _read_stream(stream, on_text: Callable[[str], None] | None, cancel: Cancel | None) -> str:
+    """The text of a server stream (an iterator of pieces), each piece handed to ``on_text``. ``cancel`` is
+    asked at every piece; once it says so the stream is closed, which closes the connection, and the
+    server stops decoding at its next piece (docs/slicer.md#jobs-cancel-and-one-at-a-time)."""
+    pieces = []
+    try:
+        for piece in stream:
+            check_cancel(cancel)
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+    finally:
+        stream.close()
+    return "".join(pieces)
 
 
 def _streamer(on_text: Callable[[str], None] | None, cancel: Cancel | None) -> Callable[[str], None] | None:

@@ -190,9 +190,11 @@ class UniMedVLLogic:
         turn in the model's context. Decoding stops (``Cancelled``) at the first piece after ``cancel()``."""
         return self.backend.chat(messages, max_new_tokens, on_text, cancel)
 
-    def compute_report(self, image: np.ndarray, max_new_tokens: int | None = None,
-                       cancel: Cancel | None = None) -> str:
-        return self.backend.report(image, max_new_tokens, cancel)
+    def compute_report(self, image: np.ndarray, max_new_tokens: int | None = None, cancel: Cancel | None = None,
+                       on_text: Callable[[str], None] | None = None) -> str:
+        """A draft report of ``image``, streamed piece by piece to ``on_text``; decoding stops (``Cancelled``)
+        at the first piece after ``cancel()``."""
+        return self.backend.report(image, max_new_tokens, cancel, on_text)
 
     def compute_generation(self, prompt: str, params: dict, progress: Progress | None = None,
                            cancel: Cancel | None = None) -> np.ndarray:
@@ -269,8 +271,8 @@ class UniMedVLLogic:
         self.conversation.answer(answer)
         return answer, self.add_text_node(scene, f"UniMedVL answer (slice {k})", f"Q: {question}\nA: {answer}")
 
-    def report(self, volume_node, k: int, max_new_tokens: int | None = None, scene=None, cancel=None):
-        text = self.compute_report(self.display_slice(volume_node, k), max_new_tokens, cancel)
+    def report(self, volume_node, k: int, max_new_tokens: int | None = None, scene=None, cancel=None, on_text=None):
+        text = self.compute_report(self.display_slice(volume_node, k), max_new_tokens, cancel, on_text)
         return text, self.add_text_node(scene or volume_node.GetScene(), f"UniMedVL draft report (slice {k})", text)
 
     def generate(self, scene, prompt: str, params: dict | None = None, progress=None, cancel=None):

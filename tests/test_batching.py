@@ -143,14 +143,23 @@ def _png(size: tuple[int, int], shade: int) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("task, fields", [
+@pytest.fixture(scope="module")
+def small_tile_server():
+    """A server whose model makes 64-px images, so a x2 super-resolution of 48 px runs in several tiles."""
+    app = create_app(model=random_model(seed=3, max_latent_size=4), settings=Settings(batch_window=0.5, max_batch=4))
+    with TestClient(app) as client:
+        yield client, app
+
+
+@pytest.mark.parametrize("task, fields, sizes", [
     ("edit", [{"instruction": "Remove the lesion."}, {"instruction": "Add a nodule."},
-              {"instruction": "Remove the lesion."}]),
-    ("super_resolution", [{"scale": "2"}] * 3),  # tiled by default: each request keeps its own tiles' noise
+              {"instruction": "Remove the lesion."}], [(24, 24), (24, 24), (16, 20)]),
+    # tiled (the default): 96-px outputs in 64-px tiles, each request keeping its own tiles' noise
+    ("super_resolution", [{"scale": "2"}] * 3, [(48, 48), (48, 48), (40, 44)]),
 ])
-def test_server_batches_concurrent_image_to_image(server, task, fields):
-    client, app = server
-    images = [_png((24, 24), 3), _png((24, 24), 7), _png((16, 20), 5)]  # two sizes: grouped by output size
+def test_server_batches_concurrent_image_to_image(server, small_tile_server, task, fields, sizes):
+    client, app = small_tile_server if task == "super_resolution" else server
+    images = [_png(size, shade) for size, shade in zip(sizes, (3, 7, 5))]  # two sizes: grouped by output size
 
     def run(k):
         data = dict(fields[k], seed=str(k), num_inference_steps="3", output="npy")

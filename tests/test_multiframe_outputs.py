@@ -2,8 +2,9 @@
 each frame's plane geometry (docs/medical-io.md#geometry-of-dicom-outputs): a viewer places every output
 pixel where the source frame's pixel lies. Sources: pydicom-data's Enhanced CT (eCT_Supplemental, real), an
 Enhanced MR built from pydicom-data's emri_small (real pixels and pulse sequence) given a double-oblique
-stack geometry with unequal row and column spacing, and a Legacy Converted Enhanced CT made by highdicom
-from CT_small slices; emri_small as published (no functional groups) stays a Secondary Capture."""
+stack geometry with unequal row and column spacing, and Legacy Converted Enhanced CT and MR objects made by
+highdicom from CT_small and MR_small slices; emri_small as published (no functional groups) stays a Secondary
+Capture."""
 
 from __future__ import annotations
 
@@ -92,11 +93,12 @@ def _enhanced_mr(path) -> str:
     return str(target)
 
 
-def _legacy_converted_ct(path) -> str:
-    """A Legacy Converted Enhanced CT made by highdicom from three CT_small slices 5 mm apart."""
+def _legacy_converted(path, modality: str) -> str:
+    """A Legacy Converted Enhanced CT or MR made by highdicom from three CT_small or MR_small slices 5 mm
+    apart, each with its own instance number."""
     import highdicom as hd
 
-    base = pydicom.dcmread(_testdata("CT_small.dcm"))
+    base = pydicom.dcmread(_testdata(f"{modality}_small.dcm"))
     series, slices = generate_uid(), []
     for k in range(3):
         ds = copy.deepcopy(base)
@@ -104,9 +106,10 @@ def _legacy_converted_ct(path) -> str:
         x, y, z = (float(v) for v in base.ImagePositionPatient)
         ds.ImagePositionPatient = [x, y, z + 5.0 * k]
         slices.append(ds)
-    converted = hd.legacy.LegacyConvertedEnhancedCTImage(slices, series_instance_uid=generate_uid(), series_number=5,
-                                                         sop_instance_uid=generate_uid(), instance_number=1)
-    target = path / "legacy_converted_ct.dcm"
+    convert = {"CT": hd.legacy.LegacyConvertedEnhancedCTImage, "MR": hd.legacy.LegacyConvertedEnhancedMRImage}
+    converted = convert[modality](slices, series_instance_uid=generate_uid(), series_number=5,
+                                  sop_instance_uid=generate_uid(), instance_number=1)
+    target = path / f"legacy_converted_{modality.lower()}.dcm"
     converted.save_as(target, enforce_file_format=True)
     return str(target)
 
@@ -115,7 +118,8 @@ def _legacy_converted_ct(path) -> str:
 def sources(tmp_path_factory):
     folder = tmp_path_factory.mktemp("enhanced")
     return {"enhanced_ct": _testdata("eCT_Supplemental.dcm"), "enhanced_mr": _enhanced_mr(folder),
-            "legacy_converted_ct": _legacy_converted_ct(folder)}
+            "legacy_converted_ct": _legacy_converted(folder, "CT"),
+            "legacy_converted_mr": _legacy_converted(folder, "MR")}
 
 
 def _frame_plane(ds: Dataset, frame: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -145,7 +149,7 @@ def _errors(path) -> set[str]:
     return {" ".join(line.split()) for line in dciodvfy_errors(path)}
 
 
-@pytest.mark.parametrize("name", ["enhanced_ct", "enhanced_mr", "legacy_converted_ct"])
+@pytest.mark.parametrize("name", ["enhanced_ct", "enhanced_mr", "legacy_converted_ct", "legacy_converted_mr"])
 @pytest.mark.parametrize("scale", [1, 2])
 def test_each_frame_output_is_a_classic_image_on_the_frame_plane(sources, name, scale, tmp_path):
     source_path = sources[name]
@@ -161,7 +165,7 @@ def test_each_frame_output_is_a_classic_image_on_the_frame_plane(sources, name, 
         path = write_dicom(ds, tmp_path / f"{image.frame}.dcm")
         assert not _errors(path) - inherited, f"{name} frame {image.frame}: new dciodvfy errors"
         out = pydicom.dcmread(path)
-        classic = MRImageStorage if name == "enhanced_mr" else CTImageStorage
+        classic = MRImageStorage if name.endswith("_mr") else CTImageStorage
         assert out.SOPClassUID == classic and "NumberOfFrames" not in out
         assert "PerFrameFunctionalGroupsSequence" not in out and "SharedFunctionalGroupsSequence" not in out
         assert out.FrameOfReferenceUID == source.FrameOfReferenceUID
@@ -277,3 +281,79 @@ def test_frames_of_multi_frame_files_in_a_series_folder(sources, tmp_path):
         assert out.SourceImageSequence[0].ReferencedFrameNumber == middle + 1
         position, _, _ = _frame_plane(image.dataset, middle)
         np.testing.assert_allclose([float(v) for v in out.ImagePositionPatient], position, atol=1e-5)
+
+
+def _output(source: Dataset, frame: int, tmp_path) -> tuple[Dataset, str]:
+    """The output of one frame as written and read back, and its path."""
+    image = read_slices(source, frames=[frame])[0]
+    ds = derived_image(image.pixels, image, "edit", "identity", generate_uid(), 9900, provenance=WEIGHTS)
+    path = write_dicom(ds, tmp_path / f"frame_{frame}.dcm")
+    return pydicom.dcmread(path), path
+
+
+def _assert_no_new_errors(paths, source: Dataset, tmp_path) -> None:
+    """dciodvfy finds no error in the outputs that the source does not have itself."""
+    source_path = tmp_path / "source.dcm"
+    source.save_as(source_path, enforce_file_format=True)
+    inherited = _errors(source_path)
+    for path in paths:
+        assert not _errors(path) - inherited, f"{path}: new dciodvfy errors"
+
+
+def test_inversion_recovery_of_the_mr_modifier_macro(sources, tmp_path):
+    """Standard Enhanced MR states inversion recovery and magnetization transfer in the MR Modifier macro
+    (shared, or per frame overriding it): the classic output says IR with its inversion time, and MTC."""
+    ds = pydicom.dcmread(sources["enhanced_mr"])
+    ds.SharedFunctionalGroupsSequence[0].MRModifierSequence = Sequence([_item(
+        InversionRecovery="YES", InversionTimes=[2500.0], MagnetizationTransfer="ON_RESONANCE")])
+    ds.PerFrameFunctionalGroupsSequence[1].MRModifierSequence = Sequence([_item(
+        InversionRecovery="YES", InversionTimes=[900.0, 1800.0], MagnetizationTransfer="NONE")])
+    ds.PerFrameFunctionalGroupsSequence[2].MRModifierSequence = Sequence([_item(
+        InversionRecovery="NO", MagnetizationTransfer="NONE")])
+    (shared, _), (own, _), (none, _) = written = [_output(ds, frame, tmp_path) for frame in (0, 1, 2)]
+    assert [o.SOPClassUID for o in (shared, own, none)] == [MRImageStorage] * 3
+    assert list(shared.ScanningSequence) == ["GR", "IR"] and float(shared.InversionTime) == 2500
+    assert "MTC" in shared.SequenceVariant and "SP" in shared.SequenceVariant  # MTC shared, SP top level
+    assert list(own.ScanningSequence) == ["GR", "IR"] and float(own.InversionTime) == 900
+    assert "MTC" not in own.SequenceVariant
+    assert none.ScanningSequence == "GR" and "InversionTime" not in none
+    _assert_no_new_errors([path for _, path in written], ds, tmp_path)
+
+
+def test_legacy_converted_mr_outputs_keep_the_classic_mr_attributes(sources, tmp_path):
+    """A Legacy Converted Enhanced MR has no MR Pulse Sequence module: its slices' Scanning Sequence,
+    Sequence Variant and times are in the Unassigned Converted Attributes, and the outputs keep them."""
+    source = pydicom.dcmread(sources["legacy_converted_mr"])
+    original = pydicom.dcmread(_testdata("MR_small.dcm"))
+    heights, paths = [], []
+    for frame in range(int(source.NumberOfFrames)):
+        out, path = _output(source, frame, tmp_path)
+        paths.append(path)
+        assert out.SOPClassUID == MRImageStorage
+        assert out.ScanningSequence == original.ScanningSequence == "SE"
+        assert out.SequenceVariant == original.SequenceVariant
+        assert out.MRAcquisitionType == original.MRAcquisitionType
+        for keyword in ("EchoTime", "RepetitionTime", "FlipAngle", "ImagingFrequency"):
+            assert float(out[keyword].value) == float(original[keyword].value), keyword
+        position, _, _ = _frame_plane(source, frame)
+        np.testing.assert_allclose([float(v) for v in out.ImagePositionPatient], position, atol=1e-5)
+        heights.append(float(out.ImagePositionPatient[2]) - float(original.ImagePositionPatient[2]))
+    assert sorted(heights) == pytest.approx([0.0, 5.0, 10.0])  # each slice's own plane (in the converter's order)
+    _assert_no_new_errors(paths, source, tmp_path)
+
+
+def test_binary_floats_are_written_as_valid_decimal_strings(sources, tmp_path):
+    """Effective Echo Time and Inversion Times are FD (often float32 values widened); the classic Echo Time
+    and Inversion Time are DS, at most 16 characters: written rounded to fit, read back unchanged."""
+    ds = pydicom.dcmread(sources["enhanced_mr"])
+    echo, inversion = float(np.float32(4.6)), float(np.float32(2500.3))
+    assert len(repr(echo)) > 16 and len(repr(inversion)) > 16
+    ds.SharedFunctionalGroupsSequence[0].MREchoSequence[0].EffectiveEchoTime = echo
+    ds.SharedFunctionalGroupsSequence[0].MRModifierSequence = Sequence([_item(
+        InversionRecovery="YES", InversionTimes=[inversion])])
+    out, path = _output(ds, 0, tmp_path)
+    for keyword, value in (("EchoTime", echo), ("InversionTime", inversion)):
+        text = str(out[keyword].value)
+        assert len(text) <= 16, f"{keyword} {text!r} is not a valid DS"
+        assert float(text) == pytest.approx(value, rel=1e-6)
+    _assert_no_new_errors([path], ds, tmp_path)

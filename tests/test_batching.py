@@ -114,14 +114,22 @@ def test_server_batches_concurrent_generations(server):
     body = lambda k: {"prompt": PROMPTS[k], "seed": k, "height": 32, "width": 32, "num_inference_steps": 3,
                       "output": "npy"}
     get = lambda k: np.load(io.BytesIO(client.post("/v1/generate", json=body(k)).content)).astype(int)
+    together, alone = _together_then_alone(app, get)
+    assert together[0].shape == (32, 32, 3)
+    assert not np.array_equal(alone[0], alone[1])
+
+
+def _together_then_alone(app, run) -> tuple[list, list]:
+    """Three requests sent at once (fewer than three model calls), then one by one; each request's image is
+    its lone run's within one grey level (fp32 reduction order)."""
     before = app.state.worker.model_calls
-    together = _concurrently(get, [0, 1, 2])
+    together = _concurrently(run, [0, 1, 2])
     calls = app.state.worker.model_calls - before
-    alone = [get(k) for k in range(3)]
+    alone = [run(k) for k in range(3)]
     assert calls < 3
     for a, b in zip(together, alone):
-        assert a.shape == (32, 32, 3) and np.abs(a - b).max() <= 1  # one grey level: fp32 reduction order
-    assert not np.array_equal(alone[0], alone[1])
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+    return together, alone
 
 
 def test_server_batches_vqa_through_answer_batch(server):
@@ -167,13 +175,7 @@ def test_server_batches_concurrent_image_to_image(server, small_tile_server, tas
         assert r.status_code == 200, r.text
         return np.load(io.BytesIO(r.content)).astype(int)
 
-    before = app.state.worker.model_calls
-    together = _concurrently(run, [0, 1, 2])
-    calls = app.state.worker.model_calls - before
-    alone = [run(k) for k in range(3)]
-    assert calls < 3
-    for a, b in zip(together, alone):
-        assert a.shape == b.shape and np.abs(a - b).max() <= 1  # one grey level: fp32 reduction order
+    together, _ = _together_then_alone(app, run)
     assert together[0].shape != together[2].shape
 
 

@@ -145,19 +145,25 @@ def test_conversation_through_the_server(logic, scene):
     assert [t.role for t in logic.conversation.turns] == ["user", "assistant", "user", "assistant"]
 
 
-def test_cancel_closes_a_streaming_remote_answer(logic, scene):
-    """Cancel stops reading the server's stream (the server then stops decoding) and nothing lands; the
-    server is free for the next question."""
-    volume, _ = make_volume(scene)
+def _cancel_at_first_piece():
+    """(pieces, on_text, cancelled): on_text keeps each piece and asks to cancel at the first."""
     pieces, cancel = [], threading.Event()
 
     def on_text(piece):
         pieces.append(piece)
         cancel.set()
 
+    return pieces, on_text, cancel.is_set
+
+
+def test_cancel_closes_a_streaming_remote_answer(logic, scene):
+    """Cancel stops reading the server's stream (the server then stops decoding) and nothing lands; the
+    server is free for the next question."""
+    volume, _ = make_volume(scene)
+    pieces, on_text, cancelled = _cancel_at_first_piece()
     with pytest.raises(Cancelled):
         logic.ask(volume, 1, _report_question()[0]["content"], max_new_tokens=24, on_text=on_text,
-                  cancel=cancel.is_set)
+                  cancel=cancelled)
     assert len(pieces) == 1 and logic.conversation.turns == []
     assert scene.GetNumberOfNodesByClass("vtkMRMLTextNode") == 0
     answer, _ = logic.ask(volume, 1, "Is there a lesion?", max_new_tokens=4)
@@ -184,14 +190,9 @@ def test_cancel_closes_a_streaming_remote_report_and_the_server_stops(tiny_model
     with LoopbackServer(app) as url:
         logic = UniMedVLLogic(RemoteBackend(url, TOKEN))
         volume, _ = make_volume(scene)
-        pieces, cancel = [], threading.Event()
-
-        def on_text(piece):
-            pieces.append(piece)
-            cancel.set()
-
+        pieces, on_text, cancelled = _cancel_at_first_piece()
         with pytest.raises(Cancelled):
-            logic.report(volume, 1, max_new_tokens=MAX_NEW_TOKENS, cancel=cancel.is_set, on_text=on_text)
+            logic.report(volume, 1, max_new_tokens=MAX_NEW_TOKENS, cancel=cancelled, on_text=on_text)
         job = list(app.state.worker.jobs.values())[-1]
         assert len(pieces) == 1 and scene.GetNumberOfNodesByClass("vtkMRMLTextNode") == 0
         assert job.task == "report" and job.done_event.wait(60) and job.status == "cancelled"

@@ -173,9 +173,33 @@ def test_cancel_closes_a_streaming_remote_answer(logic, scene):
 def test_a_remote_report_streams_into_the_logic(logic, scene):
     volume, _ = make_volume(scene)
     pieces = []
+    logic.conversation = Conversation()
     report, node = logic.report(volume, 1, max_new_tokens=8, on_text=pieces.append)
     assert len(pieces) > 1 and "".join(pieces) == report and node.GetText().startswith(report)
     assert report == logic.backend.client.report(UniMedVLLogic.display_slice(volume, 1), max_new_tokens=8)
+    # the report stays in the chat panel (a note), but a following question is sent without it
+    assert report in logic.conversation.transcript() and "Draft report (slice 1" in logic.conversation.transcript()
+    logic.ask(volume, 1, "Is there a lesion?", max_new_tokens=2)
+    assert [m["role"] for m in logic.conversation.messages(scene, UniMedVLLogic.display_slice)] == \
+        ["user", "assistant"]
+
+
+def test_notes_are_shown_and_saved_but_never_sent():
+    conversation = Conversation()
+    conversation.ask("a?", "vtkMRMLScalarVolumeNode1", 0)
+    conversation.answer("yes")
+    conversation.note("Explanation (AI-generated)", "Removed the lesion.")
+    conversation.ask("b?", "vtkMRMLScalarVolumeNode1", 2)
+    restored = Conversation.from_json(conversation.to_json())
+    text = restored.transcript()
+    assert text.index("UniMedVL: yes") < text.index("Removed the lesion.") < text.index("You (slice 2): b?")
+
+    class Scene:
+        def GetNodeByID(self, node_id):
+            return node_id
+
+    sent = restored.messages(Scene(), lambda volume, k: np.zeros((2, 2)))
+    assert [m["content"] for m in sent] == ["a?", "yes", "b?"]
 
 
 def test_cancel_closes_a_streaming_remote_report_and_the_server_stops(tiny_model, scene):

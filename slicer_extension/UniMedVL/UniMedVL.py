@@ -339,6 +339,12 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run("answering...", lambda progress, cancelled, text: logic.compute_answer(
                 messages, None, text, cancelled), done, failed)
 
+    def _note(self, title, text):
+        """Keep a report or an explanation in the panel's conversation (shown, saved, never sent)."""
+        conversation = Conversation.from_json(self._parameterNode.conversation)
+        conversation.note(title, text)
+        self._parameterNode.conversation = conversation.to_json()
+
     def onClearChat(self):
         self._parameterNode.conversation = ""
 
@@ -352,8 +358,9 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             def done(text):
                 logic.add_text_node(slicer.mrmlScene, f"UniMedVL draft report (slice {k})", text)
+                self._note(core.report_title(k), text)
 
-            self.ui.chatBrowser.append(f"\nDraft report (slice {k}, AI-generated):\n")  # the report streams in
+            self.ui.chatBrowser.append(f"\n{core.report_title(k)}:\n")  # the report streams in
             self._run("drafting the report...", lambda progress, cancelled, text: logic.compute_report(
                 image, None, cancelled, text), done)
 
@@ -395,7 +402,7 @@ class UniMedVLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node = logic.add_image_node(slicer.mrmlScene, output, name, name, source_node=volume, k=k)
                 if explanation:
                     node.SetAttribute("UniMedVL.Explanation", explanation[:2000])
-                    self.ui.chatBrowser.append(f"\nExplanation (AI-generated): {explanation}\n")
+                    self._note(core.EXPLANATION_TITLE, explanation)
                 slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.5)
 
             self._run(f"{core.task_label(task)}...", lambda progress, cancelled, text: logic.compute_image_task(

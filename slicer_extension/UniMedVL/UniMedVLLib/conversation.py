@@ -19,7 +19,7 @@ __all__ = ["ChatTurn", "Conversation"]
 
 @dataclass(frozen=True)
 class ChatTurn:
-    role: str  # "user" or "assistant"
+    role: str  # "user", "assistant", or "note" (shown in the panel, never sent to the model)
     text: str
     volume_id: str | None = None  # user turns: the volume and slice the question is about
     slice_index: int | None = None
@@ -52,6 +52,11 @@ class Conversation:
     def answer(self, text: str) -> None:
         self.turns.append(ChatTurn("assistant", text))
 
+    def note(self, title: str, text: str) -> None:
+        """Keep a panel entry that is not part of the chat (a draft report, an edit's explanation): shown in
+        the transcript, saved with the scene, never sent to the model."""
+        self.turns.append(ChatTurn("note", f"{title}:\n{text}"))
+
     def drop_unanswered(self) -> None:
         """Forget a question whose answer failed, so that the next question is not sent after it."""
         if self.turns and self.turns[-1].role == "user":
@@ -60,7 +65,7 @@ class Conversation:
     def messages(self, scene, slice_image: Callable[[object, int], np.ndarray]) -> list[dict]:
         """The turns as ``UniMedVL.chat`` messages, each question with its slice read from ``scene``."""
         out = []
-        for n, turn in enumerate(self.turns):
+        for n, turn in enumerate(t for t in self.turns if t.role != "note"):
             message = {"role": turn.role, "content": turn.text}
             if turn.role == "user" and turn.volume_id is not None:
                 volume = scene.GetNodeByID(turn.volume_id)
@@ -77,6 +82,9 @@ class Conversation:
         for turn in self.turns:
             if turn.role == "user":
                 lines.append(f"You (slice {turn.slice_index}): {turn.text}")
+                continue
+            if turn.role == "note":
+                lines.append(f"\n{turn.text}\n")
                 continue
             lines.append(f"UniMedVL: {turn.text}")
             if pending_notice:

@@ -20,11 +20,19 @@ import numpy as np
 from .backends import Cancel, Progress, shipped_module
 from .conversation import Conversation
 
-__all__ = ["UniMedVLLogic", "SYNTHETIC_ATTRIBUTE", "NOTICE_ATTRIBUTE", "task_label", "image_to_image_tasks",
-           "param_spec", "generation_bounds", "slice_count", "volume_array"]
+__all__ = ["UniMedVLLogic", "SYNTHETIC_ATTRIBUTE", "NOTICE_ATTRIBUTE", "EXPLANATION_TITLE", "task_label",
+           "report_title", "image_to_image_tasks", "param_spec", "generation_bounds", "slice_count", "volume_array"]
 
 SYNTHETIC_ATTRIBUTE = "UniMedVL.SyntheticData"
 NOTICE_ATTRIBUTE = "UniMedVL.Notice"
+
+
+# How the chat panel titles entries that are not chat turns (Conversation.note).
+EXPLANATION_TITLE = "Explanation (AI-generated)"
+
+
+def report_title(k: int) -> str:
+    return f"Draft report (slice {k}, AI-generated)"
 
 
 def task_label(name: str) -> str:
@@ -272,7 +280,9 @@ class UniMedVLLogic:
         return answer, self.add_text_node(scene, f"UniMedVL answer (slice {k})", f"Q: {question}\nA: {answer}")
 
     def report(self, volume_node, k: int, max_new_tokens: int | None = None, scene=None, cancel=None, on_text=None):
+        """A draft report of slice ``k``: in a text node, and as a note in the chat panel's conversation."""
         text = self.compute_report(self.display_slice(volume_node, k), max_new_tokens, cancel, on_text)
+        self.conversation.note(report_title(k), text)
         return text, self.add_text_node(scene or volume_node.GetScene(), f"UniMedVL draft report (slice {k})", text)
 
     def generate(self, scene, prompt: str, params: dict | None = None, progress=None, cancel=None):
@@ -286,5 +296,6 @@ class UniMedVLLogic:
         node = self.add_image_node(volume_node.GetScene(), image, name, name, source_node=volume_node, k=k)
         if explanation:
             node.SetAttribute("UniMedVL.Explanation", explanation[:2000])
+            self.conversation.note(EXPLANATION_TITLE, explanation)
         return node, explanation
 

@@ -61,6 +61,8 @@ class ExpertRouting:
         """The routing of the last ``count`` of ``length`` rows."""
         if self.gen is None or count == length:
             return self
+        if count == 0:  # no rows: nothing to route (and no device sync for the index test below)
+            return ExpertRouting()
         start = length - count
         gen = self.gen[self.gen >= start] - start
         return ExpertRouting(und=self.und[self.und >= start] - start, gen=gen) if len(gen) else ExpertRouting()

@@ -11,7 +11,6 @@ pydicom's messages that would quote a header value are redacted, ``withheld.py``
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,18 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..modeling.preprocessing import MAX_INPUT_PIXELS, to_rgb
+from .dicom_files import dicom_image_headers, is_dicom_file
+from .dicom_files import read_dicom as _read_dicom
+from .medical_image import MAX_DECLARED_BYTES, ImageReadError, MedicalImage
+from .slide import SlideSelection, is_slide, read_slide, slide_from_headers
 from .withheld import withhold_dicom_values
 
 __all__ = ["MedicalImage", "ImageReadError", "read_image", "read_slices", "WINDOW_PRESETS", "MODALITY_WINDOWS",
            "MAX_DECLARED_BYTES", "to_uint8_range", "is_dicom_file", "dicom_image_headers", "read_key_slices",
-           "key_slice_indices", "frame_functional_groups"]
+           "key_slice_indices", "frame_functional_groups", "SlideSelection", "read_slide"]
 
 log = logging.getLogger(__name__)
 
@@ -43,72 +44,28 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 }
 # Used when a file carries no VOI information; other modalities use their full data range.
 MODALITY_WINDOWS = {"CT": "soft_tissue"}
-# Refuse before decoding anything larger than this (declared rows x columns x frames x samples x bytes).
-MAX_DECLARED_BYTES = 2 * 1024**3
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-class ImageReadError(ValueError):
-    """An input image cannot be read or is not supported; the message names the source and the problem."""
-
-
-@dataclass
-class MedicalImage:
-    """A 2-D image ready for the model, with where it came from.
-
-    Args:
-        pixels: (H, W, 3) uint8 RGB.
-        source: a short name of the source (file name, "array", ...), safe to log.
-        dataset: the DICOM object the pixels came from, kept for derived outputs (never logged).
-        frame: index of the frame or slice within the source, if it had several.
-        num_frames: how many frames or slices the source had.
-        modality: DICOM Modality when known.
-        window: (centre, width) applied, in modality units, when a window was used.
-        value_range: modality values mapped linearly onto 0..255 (the window's edges, or the data range),
-            so that derived outputs can be mapped back; None when a non-linear VOI LUT was used.
-        geometry: spatial metadata of the slice when known (``pixel_spacing``, ``affine`` for NIfTI,
-            ``dicom_frame``: the 0-based frame within a multi-frame DICOM object, which ``frame`` is not when
-            the object is one file of a series folder).
-    """
-
-    pixels: np.ndarray = field(repr=False)
-    source: str
-    dataset: Dataset | None = field(default=None, repr=False)  # the header holds patient identity: never shown
-    frame: int | None = None
-    num_frames: int = 1
-    modality: str | None = None
-    window: tuple[float, float] | None = None
-    geometry: dict[str, Any] = field(default_factory=dict)
-    value_range: tuple[float, float] | None = None
-
-    def to_pil(self) -> Image.Image:
-        return Image.fromarray(self.pixels)
-
-    def __repr__(self) -> str:
-        return (f"MedicalImage({self.source}, {self.size[0]}x{self.size[1]}, modality={self.modality}, "
-                f"frame={self.frame}/{self.num_frames}, dicom={self.dataset is not None})")
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.pixels.shape[1], self.pixels.shape[0]
 
 
 WindowArg = tuple[float, float] | str | None
 
 
 def read_image(source: Any, frame: int | None = None, window: WindowArg = None,
-               series_uid: str | None = None) -> MedicalImage:
+               series_uid: str | None = None, slide: SlideSelection | None = None) -> MedicalImage:
     """One 2-D image from a PIL image, NumPy array, path (PNG/JPEG/TIFF, DICOM file, DICOM series folder,
     NIfTI), pydicom Dataset or ``MedicalImage``. Volumes and multi-frame objects give their middle slice
-    unless ``frame`` says which."""
+    unless ``frame`` says which; a whole slide gives the region and level ``slide`` selects."""
     slices = read_slices(source, frames=None if frame is None else [frame], window=window, series_uid=series_uid,
-                         middle_only=frame is None)
+                         middle_only=frame is None, slide=slide)
     return slices[0]
 
 
 def read_slices(source: Any, frames: list[int] | None = None, window: WindowArg = None,
-                series_uid: str | None = None, middle_only: bool = False) -> list[MedicalImage]:
-    """Every slice or frame of a source (or those listed in ``frames``), for per-slice processing."""
+                series_uid: str | None = None, middle_only: bool = False,
+                slide: SlideSelection | None = None) -> list[MedicalImage]:
+    """Every slice or frame of a source (or those listed in ``frames``), for per-slice processing. A whole slide
+    (DICOM VL Whole Slide Microscopy) gives one image, the region and level ``slide`` selects (``slide.py``);
+    ``frames`` and ``middle_only`` do not apply to it."""
     withhold_dicom_values()  # pydicom's value warnings would quote patient attributes
     if isinstance(source, MedicalImage):
         return [source]
@@ -117,25 +74,32 @@ def read_slices(source: Any, frames: list[int] | None = None, window: WindowArg 
     if isinstance(source, np.ndarray):
         return _array_slices(source, frames, middle_only)
     if isinstance(source, Dataset):
+        if is_slide(source):
+            return [read_slide(source, slide)]
         return _dicom_slices(source, "DICOM dataset", frames, window, middle_only)
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        name = path.name
-        if not path.exists():
-            raise ImageReadError(f"{path}: no such file or folder")
-        if path.is_dir():
-            return _series_slices(path, frames, window, series_uid, middle_only)
-        if name.lower().endswith(_NIFTI_SUFFIXES):
-            return _nifti_slices(path, frames, window, middle_only)
-        if is_dicom_file(path) or name.lower().endswith(".dcm"):
-            return _dicom_slices(_read_dicom(path), name, frames, window, middle_only)
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return [MedicalImage(_pil_to_rgb(img, name), name)]
-        except (UnidentifiedImageError, OSError) as err:
-            raise ImageReadError(f"{path}: not a readable image ({err})") from None
+        return _path_slices(Path(source), frames, window, series_uid, middle_only, slide)
     raise ImageReadError(f"unsupported image input of type {type(source).__name__}")
+
+
+def _path_slices(path: Path, frames, window, series_uid, middle_only, slide) -> list[MedicalImage]:
+    name = path.name
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _series_slices(path, frames, window, series_uid, middle_only, slide)
+    if name.lower().endswith(_NIFTI_SUFFIXES):
+        return _nifti_slices(path, frames, window, middle_only)
+    if is_dicom_file(path) or name.lower().endswith(".dcm"):
+        if is_slide(_read_dicom(path, stop_before_pixels=True)):  # a slide level is never decoded whole
+            return [read_slide(path, slide)]
+        return _dicom_slices(_read_dicom(path), name, frames, window, middle_only)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return [MedicalImage(_pil_to_rgb(img, name), name)]
+    except (UnidentifiedImageError, OSError) as err:
+        raise ImageReadError(f"{path}: not a readable image ({err})") from None
 
 
 def key_slice_indices(count: int, wanted: int) -> list[int]:
@@ -147,26 +111,30 @@ def key_slice_indices(count: int, wanted: int) -> list[int]:
 
 
 def read_key_slices(source: Any, count: int, window: WindowArg = None, series_uid: str | None = None,
-                    frames: list[int] | None = None) -> list[MedicalImage]:
+                    frames: list[int] | None = None, slide: SlideSelection | None = None) -> list[MedicalImage]:
     """``count`` slices spread evenly over a volume (a path, array, dataset), over ``frames`` of it, or over a
     list of already read slices; a frame of a multi-frame DICOM (a ``MedicalImage`` keeps its dataset) gives
-    frames of that object; any other 2-D image gives itself. Only the chosen slices are decoded."""
+    frames of that object; any other 2-D image, a whole-slide region included, gives itself. Only the chosen
+    slices are decoded."""
     if isinstance(source, (list, tuple)):
         return [source[i] for i in key_slice_indices(len(source), count)]
     if isinstance(source, MedicalImage):
-        if source.dataset is None or int(source.dataset.get("NumberOfFrames", 1) or 1) < 2:
+        if source.dataset is None or "slide_region" in source.geometry \
+                or int(source.dataset.get("NumberOfFrames", 1) or 1) < 2:
             return [source]
         slices = read_key_slices(source.dataset, count, window, series_uid, frames)
         for image in slices:
             image.source = source.source  # the file's name, not "DICOM dataset"
         return slices
     if frames is None:
-        total = read_slices(source, window=window, series_uid=series_uid, middle_only=True)[0].num_frames
-        frames = list(range(total))
+        first = read_slices(source, window=window, series_uid=series_uid, middle_only=True, slide=slide)[0]
+        if first.num_frames == 1:  # a 2-D image or a slide region: nothing to spread over
+            return [first]
+        frames = list(range(first.num_frames))
     if not frames:
         raise ImageReadError("no slices selected")
     picked = [frames[i] for i in key_slice_indices(len(frames), count)]
-    return read_slices(source, frames=picked, window=window, series_uid=series_uid)
+    return read_slices(source, frames=picked, window=window, series_uid=series_uid, slide=slide)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,42 +211,6 @@ def _array_slices(arr: np.ndarray, frames, middle_only) -> list[MedicalImage]:
 
 # ----------------------------------------------------------------------------------------------------------
 # DICOM
-
-
-def is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _read_dicom(path: Path, stop_before_pixels: bool = False) -> Dataset:
-    try:
-        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError as err:
-        # Older files often lack the preamble and file meta; accept them when they parse as a dataset
-        # with an SOP class, which arbitrary bytes do not.
-        try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=True)
-            if "SOPClassUID" in ds:
-                return _with_transfer_syntax(ds)
-        except Exception:
-            pass
-        raise ImageReadError(f"{path.name}: not a DICOM file ({err})") from None
-    except Exception as err:  # truncated or corrupt files raise many types inside pydicom
-        raise ImageReadError(f"{path.name}: unreadable DICOM ({type(err).__name__}: {err})") from None
-
-
-def _with_transfer_syntax(ds: Dataset) -> Dataset:
-    """A dataset read without file meta (no preamble) gets the transfer syntax it was read with, which
-    pixel decoding needs."""
-    if "TransferSyntaxUID" not in ds.file_meta:
-        implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    return ds
 
 
 def check_declared_size(ds: Dataset, name: str) -> None:
@@ -457,25 +389,8 @@ def _slice_sort_key(ds: Dataset) -> tuple:
         return (1, float(ds.get("InstanceNumber", 0) or 0))
 
 
-def dicom_image_headers(folder: Path):
-    """(path, header) of every DICOM image file under ``folder``; unreadable files and non-image objects
-    (SR, RT structure sets, ...) are passed over with a log line naming the file only."""
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        # files without the preamble are tried when their name allows DICOM (".dcm" or no suffix)
-        if not is_dicom_file(path) and path.suffix.lower() not in (".dcm", ""):
-            continue
-        try:
-            header = _read_dicom(path, stop_before_pixels=True)
-        except ImageReadError:
-            log.warning("skipping unreadable DICOM file %s", path.name)
-            continue
-        if "Rows" not in header:
-            log.info("skipping %s: not an image (%s)", path.name, getattr(header.get("SOPClassUID"), "name", "?"))
-            continue
-        yield path, header
-
-
-def _series_slices(folder: Path, frames, window, series_uid, middle_only) -> list[MedicalImage]:
+def _series_slices(folder: Path, frames, window, series_uid, middle_only,
+                   slide: SlideSelection | None = None) -> list[MedicalImage]:
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     for path, header in dicom_image_headers(folder):
         series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))
@@ -487,6 +402,8 @@ def _series_slices(folder: Path, frames, window, series_uid, middle_only) -> lis
     uid = series_uid if series_uid is not None else next(iter(series))
     if uid not in series:
         raise ImageReadError(f"{folder}: no series {uid}")
+    if any(is_slide(header) for _, header in series[uid]):
+        return [slide_from_headers(series[uid], folder.name, slide)]
     items = sorted(series[uid], key=lambda item: _slice_sort_key(item[1]))
     if len(items) == 1:
         path = items[0][0]

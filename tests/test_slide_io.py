@@ -1,0 +1,226 @@
+"""Whole-slide reading (unimedvl_core/io/slide.py) against the ground truth of tests/slides.py: regions at every
+level, every tile organisation, level choice, decoding only the tiles needed, the label never read, errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.encaps import generate_frames
+
+from tests.slides import DECLARED_SIZE, PATIENT_NAME, build_declared_slide, build_slide
+from unimedvl_core.io import slide as slide_io
+from unimedvl_core.io.medical_io import (
+    ImageReadError,
+    dicom_image_headers,
+    read_image,
+    read_key_slices,
+    read_slices,
+)
+from unimedvl_core.io.slide import SlideSelection, read_slide
+
+REGION = (100, 200, 900, 700)  # level-0 x, y, width, height: partial tiles on every side
+RAW = {
+    "full": {"encoding": "raw"},
+    "sparse_concatenated_planes": {"encoding": "raw", "organization": "TILED_SPARSE", "concatenate": 1,
+                                   "focal_planes": 3},
+    "full_planes_paths_concatenated": {"encoding": "raw", "focal_planes": 2, "optical_paths": 2, "concatenate": 0},
+}
+# JPEG quality 90, 4:2:2 chroma on 4-pixel texture and nuclei edges: measured mean absolute error against the
+# unencoded truth 2.5 (level 0) to 4.5 (level 2) on this image; a misplaced tile or a YBR/RGB mix-up gives > 30.
+JPEG_MEAN_ERROR = 6.0
+# Against the same tiles decoded by Pillow to RGB: pydicom converts YCbCr to RGB itself, libjpeg-turbo with its
+# own integer arithmetic and chroma upsampling; measured over 3 images x 3 levels: mean 0.18-0.29, 99.9th
+# percentile <= 4, max 7 (at nuclei edges). A tile from the wrong frame or plane differs by tens on average.
+JPEG_DECODER_MEAN, JPEG_DECODER_MAX = 0.5, 10
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slides")
+    out = {name: build_slide(root / name, **kwargs) for name, kwargs in RAW.items()}
+    out["jpeg"] = build_slide(root / "jpeg")
+    out["declared"] = build_declared_slide(root / "declared")
+    return out
+
+
+def _truth(truth, image):
+    where = image.geometry["slide_region"]
+    return truth.levels[where.level][where.row:where.row + where.rows, where.column:where.column + where.columns]
+
+
+def _one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text and PATIENT_NAME.split("^")[0] not in text and "P-7781" not in text
+    return text
+
+
+@pytest.mark.parametrize("name", sorted(RAW))
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_uncompressed_region_equals_truth_at_every_level(slides, name, level):
+    image = read_slide(slides[name].folder, SlideSelection(region=REGION, level=level))
+    where = image.geometry["slide_region"]
+    assert (where.row, where.column, where.level_count) == (200 // 2**level, 100 // 2**level, 3)
+    assert image.pixels.shape == (700 // 2**level, 900 // 2**level, 3)
+    assert np.array_equal(image.pixels, _truth(slides[name], image))
+    assert where.spacing_mm == slides[name].spacings[level] == image.geometry["pixel_spacing"]
+    assert image.modality == "SM" and image.num_frames == 1 and image.frame is None
+
+
+def _pillow_level(path, truth_level, tile):
+    """The level's tiles decoded by Pillow and placed on the grid: an independent decode of the same bytes."""
+    ds = pydicom.dcmread(path)
+    rows, cols = truth_level.shape[:2]
+    across = -(-cols // tile)
+    out = np.zeros((-(-rows // tile) * tile, across * tile, 3), np.uint8)
+    for k, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames))):
+        r, c = divmod(k, across)
+        out[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = np.asarray(Image.open(io.BytesIO(frame)).convert("RGB"))
+    return out[:rows, :cols]
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_jpeg_ybr_tiles_come_out_as_rgb_close_to_truth(slides, level):
+    truth = slides["jpeg"]
+    image = read_slide(truth.folder, SlideSelection(region=REGION, level=level))
+    error = np.abs(image.pixels.astype(int) - _truth(truth, image))
+    assert error.mean() < JPEG_MEAN_ERROR
+    where = image.geometry["slide_region"]
+    pillow = _pillow_level(truth.volume_files[level][0], truth.levels[level], truth.tile)
+    region = pillow[where.row:where.row + where.rows, where.column:where.column + where.columns]
+    difference = np.abs(image.pixels.astype(int) - region)
+    assert difference.mean() < JPEG_DECODER_MEAN and difference.max() <= JPEG_DECODER_MAX
+
+
+def test_sparse_and_concatenation_give_the_pixels_of_tiled_full(slides):
+    full = read_slide(slides["full"].folder, SlideSelection(level=1))
+    for name in ("sparse_concatenated_planes", "full_planes_paths_concatenated"):
+        assert np.array_equal(read_slide(slides[name].folder, SlideSelection(level=1)).pixels, full.pixels)
+
+
+def test_automatic_level_by_max_pixels_and_min_side(slides):
+    folder = slides["full"].folder
+    assert read_slide(folder).geometry["slide_region"].level == 0           # 1500 x 1100 fits
+    assert read_slide(folder, SlideSelection(max_pixels=600 * 500)).geometry["slide_region"].level == 2
+    assert read_slide(folder, SlideSelection(max_pixels=750 * 550)).geometry["slide_region"].level == 1
+    region = (0, 0, 800, 800)   # long side 800, 400, 200 at levels 0, 1, 2
+    assert read_slide(folder, SlideSelection(region, min_side=400)).geometry["slide_region"].level == 1
+    assert read_slide(folder, SlideSelection(region, min_side=401)).geometry["slide_region"].level == 0
+    assert read_slide(folder, SlideSelection(region, min_side=100)).geometry["slide_region"].level == 2
+    assert read_slide(folder, SlideSelection(region, min_side=5000)).geometry["slide_region"].level == 0
+
+
+def test_region_is_clipped_to_the_slide(slides):
+    truth = slides["full"]
+    image = read_slide(truth.folder, SlideSelection(region=(1400, -50, 500, 150), level=0))
+    assert image.pixels.shape == (100, 100, 3)
+    assert np.array_equal(image.pixels, truth.levels[0][:100, 1400:])
+
+
+def _counting(monkeypatch) -> list[int]:
+    decoded: list[int] = []
+    original = slide_io.decode_frames
+
+    def counted(source, indices):
+        for frame in original(source, indices):
+            decoded.append(1)
+            yield frame
+    monkeypatch.setattr(slide_io, "decode_frames", counted)
+    return decoded
+
+
+def test_declared_real_size_slide_decodes_only_the_needed_tiles(slides, monkeypatch):
+    truth = slides["declared"]
+    decoded = _counting(monkeypatch)
+    x, y = truth.tile_origin
+    # 100 px left of and 50 px above the held 3 x 3 tiles: 3 x 3 tile positions met, 2 x 2 of them held
+    image = read_slide(truth.folder, SlideSelection(region=(x - 100, y - 50, 600, 500), level=0))
+    assert len(decoded) == 4
+    assert (image.pixels[:50] == slide_io.BACKGROUND).all() and (image.pixels[:, :100] == slide_io.BACKGROUND).all()
+    assert np.abs(image.pixels[50:, 100:].astype(int) - truth.levels[0][:450, :500]).mean() < JPEG_MEAN_ERROR
+    decoded.clear()
+    empty = read_slide(truth.folder, SlideSelection(region=(1000, 1000, 2048, 2048), level=0))
+    assert not decoded and (empty.pixels == slide_io.BACKGROUND).all()
+
+
+def test_declared_slide_whole_is_read_at_the_level_that_fits(slides, monkeypatch):
+    truth = slides["declared"]
+    decoded = _counting(monkeypatch)
+    image = read_image(truth.folder)
+    where = image.geometry["slide_region"]
+    assert (where.level, where.columns, where.rows) == (1, DECLARED_SIZE[0] // 64, DECLARED_SIZE[1] // 64)
+    assert len(decoded) == truth.frame_counts[1]
+    with pytest.raises(ImageReadError) as err:
+        read_slide(truth.folder, SlideSelection(level=0))
+    text = _one_line(err)
+    assert "98304x75264" in text and "--region" in text and "--level" in text
+    assert not decoded[truth.frame_counts[1]:]  # refused before decoding anything
+
+
+def test_label_and_overview_are_never_read(slides):
+    truth = slides["jpeg"]
+    headers = [header for _, header in dicom_image_headers(truth.folder)]
+    assert sorted(h.ImageType[2] for h in headers) == ["THUMBNAIL", "VOLUME", "VOLUME", "VOLUME"]
+    image = read_image(truth.folder)
+    assert image.dataset.ImageType[2] == "VOLUME" and "PixelData" not in image.dataset
+    for path in (truth.label_file, truth.overview_file):
+        with pytest.raises(ImageReadError) as err:
+            read_image(path)
+        assert path.name in _one_line(err) and "patient identity" in str(err.value)
+
+
+def test_a_thumbnail_alone_is_a_one_level_slide(slides):
+    image = read_image(slides["jpeg"].thumbnail_file)
+    assert image.geometry["slide_region"].level_count == 1 and image.pixels.shape == (138, 188, 3)
+
+
+def test_medical_io_gives_one_image_per_slide(slides):
+    truth = slides["full"]
+    assert len(read_slices(truth.folder)) == 1
+    assert len(read_key_slices(truth.folder, 5, slide=SlideSelection(level=2))) == 1
+    level1 = read_image(truth.volume_files[1][0])  # one instance: a one-level slide
+    assert np.array_equal(level1.pixels, truth.levels[1]) and level1.source == "level1.dcm"
+    # a dataset alone is a one-level slide: the region is in its own pixels
+    from_dataset = read_image(pydicom.dcmread(truth.volume_files[2][0]), slide=SlideSelection(region=REGION))
+    assert np.array_equal(from_dataset.pixels, truth.levels[2][200:, 100:1000])
+    image = read_image(truth.folder, slide=SlideSelection(region=REGION, level=1))
+    assert read_key_slices(image, 3) == [image]
+
+
+@pytest.mark.parametrize("selection, problem", [
+    (SlideSelection(region=(0, 0, 0, 10)), "empty region"),
+    (SlideSelection(region=(0, 0, -5, 10)), "empty region"),
+    (SlideSelection(region=(5000, 0, 10, 10)), "outside the slide"),
+    (SlideSelection(level=3), "no level 3"),
+    (SlideSelection(level=-1), "no level -1"),
+    (SlideSelection(max_pixels=50_000), "exceeds the limit"),
+])
+def test_errors_are_one_line_without_patient_data(slides, selection, problem):
+    with pytest.raises(ImageReadError) as err:
+        read_image(slides["full"].folder, slide=selection)
+    assert problem in _one_line(err)
+
+
+def test_one_part_of_a_concatenation_is_refused(slides):
+    part = slides["sparse_concatenated_planes"].volume_files[1][0]
+    with pytest.raises(ImageReadError) as err:
+        read_image(part)
+    assert "concatenation" in _one_line(err)
+
+
+def test_datasets_in_memory_make_the_same_slide(slides):
+    """As the MONAI Deploy loader hands them: whole datasets of every instance, the label among them."""
+    truth = slides["sparse_concatenated_planes"]
+    datasets = [pydicom.dcmread(path) for path in sorted(truth.folder.glob("*.dcm"))]
+    image = slide_io.slide_from_headers([(ds, ds) for ds in datasets], "slide", SlideSelection(REGION, level=1))
+    assert np.array_equal(image.pixels, _truth(truth, image))
+
+
+def test_a_header_read_without_pixels_is_decoded_from_its_file(slides):
+    truth = slides["jpeg"]
+    header = pydicom.dcmread(truth.volume_files[0][0], stop_before_pixels=True)
+    image = read_slide(header, SlideSelection(REGION))
+    assert np.abs(image.pixels.astype(int) - _truth(truth, image)).mean() < JPEG_MEAN_ERROR

@@ -1,0 +1,369 @@
+"""Whole-slide images (DICOM VL Whole Slide Microscopy, modality SM): a region of a slide at one pyramid level.
+
+A slide is a series: VOLUME instances are the pyramid levels (tiled multi-frame images of a total pixel matrix),
+THUMBNAIL, LABEL and OVERVIEW instances are other pictures of it. Only VOLUME instances are read as levels (a
+THUMBNAIL only when it is all that was given); LABEL and OVERVIEW photograph the slide label, patient identity
+burned in, and are refused. Only the tiles meeting the region are decoded, one frame at a time from disk.
+What is taken from several optical paths / focal planes, what fills missing sparse tiles and why ICC profiles are
+not applied: docs/medical-io.md, "Whole-slide images".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import iter_pixels
+from pydicom.uid import VLWholeSlideMicroscopyImageStorage
+
+from .dicom_files import SLIDE_PHOTO_KINDS, dicom_image_headers, read_dicom, slide_image_kind
+from .medical_image import MAX_DECLARED_BYTES, ImageReadError, MedicalImage
+from .withheld import withhold_dicom_values
+
+__all__ = ["VL_WSI_STORAGE", "is_slide", "SlideSelection", "SlideRegion", "read_slide", "slide_from_headers",
+           "BACKGROUND"]
+
+log = logging.getLogger(__name__)
+
+VL_WSI_STORAGE = VLWholeSlideMicroscopyImageStorage
+BACKGROUND = 255  # what a sparse level's missing tiles show: white, the glass of a brightfield slide
+
+
+def is_slide(ds: Dataset) -> bool:
+    """Whether ``ds`` is a VL Whole Slide Microscopy instance."""
+    return str(ds.get("SOPClassUID", "")) == VL_WSI_STORAGE
+
+
+@dataclass(frozen=True)
+class SlideSelection:
+    """Which part of a slide to read, and at which pyramid level.
+
+    Args:
+        region: x, y, width, height in level-0 (finest) pixels; None = the whole slide.
+        level: 0 = finest VOLUME level; None = choose automatically: with ``min_side``, the coarsest level whose
+            region's long side is at least ``min_side`` (no finer than the model will look); without, the finest
+            level whose region fits ``max_pixels``.
+        min_side: see ``level``.
+        max_pixels: a larger region is refused, naming the sizes and suggesting a region or level.
+    """
+
+    region: tuple[int, int, int, int] | None = None
+    level: int | None = None
+    min_side: int | None = None
+    max_pixels: int = 8192 * 8192
+
+
+@dataclass(frozen=True)
+class SlideRegion:
+    """Where a read image lies on its slide (kept in ``MedicalImage.geometry["slide_region"]``)."""
+
+    level: int                       # index among VOLUME levels, 0 = finest
+    row: int                         # top-left, in that level's total pixel matrix (0-based)
+    column: int
+    rows: int                        # size read at that level
+    columns: int
+    spacing_mm: tuple[float, float]  # (row spacing, column spacing) of that level, mm
+    level_count: int                 # how many VOLUME levels the slide has
+
+
+@dataclass
+class _Part:
+    """One instance of a level: several for a concatenation. ``source`` is decoded from (path or dataset)."""
+
+    source: Path | Dataset
+    header: Dataset
+    offset: int   # Concatenation Frame Offset Number: frames of the level before this instance
+    frames: int
+
+
+@dataclass
+class _Level:
+    parts: list[_Part]
+    columns: int
+    rows: int
+    tile_columns: int
+    tile_rows: int
+    spacing: tuple[float, float]
+    tiles: np.ndarray | None = None  # TILED_SPARSE: (n, 3) row, column (0-based) and level frame of each tile
+
+    @property
+    def header(self) -> Dataset:
+        return self.parts[0].header
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Opening
+
+
+def read_slide(source: Path | Dataset, selection: SlideSelection | None = None,
+               series_uid: str | None = None) -> MedicalImage:
+    """A region of a slide as one RGB image, from a series folder (``series_uid`` picks the series when the folder
+    holds several), one instance file (a one-level slide) or a pydicom ``Dataset``."""
+    withhold_dicom_values()
+    if isinstance(source, Dataset):
+        return _read(_levels([(source, source)], "DICOM dataset", explicit=True), "DICOM dataset", selection)
+    path = Path(source)
+    if path.is_dir():
+        series: dict[str, list[tuple[Path, Dataset]]] = {}
+        for file, header in dicom_image_headers(path):
+            series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((file, header))
+        if series_uid is None and len(series) > 1:
+            raise ImageReadError(f"{path.name}: holds {len(series)} series; choose one with series_uid: "
+                                 + "; ".join(series))
+        items = series.get(series_uid if series_uid is not None else next(iter(series), ""))
+        if not items:
+            raise ImageReadError(f"{path.name}: no {'series ' + series_uid if series_uid else 'DICOM images'}")
+        return slide_from_headers(items, path.name, selection)
+    if not path.is_file():
+        raise ImageReadError(f"{path.name}: no such file or folder")
+    return _read(_levels([(path, read_dicom(path, stop_before_pixels=True))], path.name, explicit=True),
+                 path.name, selection)
+
+
+def slide_from_headers(items: list[tuple[Path | Dataset, Dataset]], name: str,
+                       selection: SlideSelection | None = None) -> MedicalImage:
+    """A region of the slide made of these instances of one series: (file, its header without pixels) pairs, or
+    (dataset, dataset) for datasets already in memory; instances other than VOLUME are passed over."""
+    withhold_dicom_values()
+    return _read(_levels(items, name, explicit=False), name, selection)
+
+
+def _levels(items: list[tuple[Path | Dataset, Dataset]], name: str, explicit: bool) -> list[_Level]:
+    """The VOLUME levels, finest first. Given one instance explicitly, it must be a VOLUME or THUMBNAIL."""
+    kinds = [slide_image_kind(header) for _, header in items]
+    if any(kind is None for kind in kinds):
+        raise ImageReadError(f"{name}: not a VL Whole Slide Microscopy image")
+    if explicit and kinds[0] in SLIDE_PHOTO_KINDS:
+        raise ImageReadError(f"{name}: a slide {kinds[0].lower()} image (may show patient identity); not read")
+    volumes = [item for item, kind in zip(items, kinds) if kind == "VOLUME"]
+    if not volumes and explicit and kinds[0] == "THUMBNAIL":
+        volumes = items
+    if not volumes:
+        raise ImageReadError(f"{name}: no VOLUME instances (pyramid levels) in the slide series")
+    groups: dict[str, list[_Part]] = {}
+    for source, header in volumes:
+        key = str(header.get("ConcatenationUID") or header.SOPInstanceUID)
+        groups.setdefault(key, []).append(_part(source, header, name))
+    levels, sizes = [], set()
+    for parts in groups.values():
+        level = _level(sorted(parts, key=lambda p: p.offset), name)
+        if (level.columns, level.rows) in sizes:  # another optical path or focal plane stored apart
+            log.info("%s: a second VOLUME instance of %dx%d is not used", name, level.columns, level.rows)
+            continue
+        sizes.add((level.columns, level.rows))
+        levels.append(level)
+    return sorted(levels, key=lambda lv: -lv.columns)
+
+
+def _part(source: Path | Dataset, header: Dataset, name: str) -> _Part:
+    try:
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        offset = int(header.get("ConcatenationFrameOffsetNumber", 0) or 0)
+    except (TypeError, ValueError):
+        raise ImageReadError(f"{name}: invalid Number of Frames or Concatenation Frame Offset Number") from None
+    return _Part(source, header, offset, frames)
+
+
+def _level(parts: list[_Part], name: str) -> _Level:
+    header = parts[0].header
+    total = int(header.get("InConcatenationTotalNumber", 1) or 1)
+    if len(parts) != total or any(a.offset + a.frames != b.offset for a, b in zip(parts, parts[1:])):
+        raise ImageReadError(f"{name}: a level stored as a concatenation of {total} instances has "
+                             f"{len(parts)}; give the whole series folder")
+    try:
+        level = _Level(parts, int(header.TotalPixelMatrixColumns), int(header.TotalPixelMatrixRows),
+                       int(header.Columns), int(header.Rows), _spacing(header, name))
+    except (AttributeError, TypeError, ValueError):
+        raise ImageReadError(f"{name}: missing or invalid total pixel matrix or tile size") from None
+    if min(level.columns, level.rows, level.tile_columns, level.tile_rows) <= 0:
+        raise ImageReadError(f"{name}: invalid total pixel matrix {level.columns}x{level.rows}")
+    if str(header.get("DimensionOrganizationType", "")).upper() == "TILED_SPARSE":
+        level.tiles = _sparse_tiles(parts, name)
+    return level
+
+
+def _spacing(header: Dataset, name: str) -> tuple[float, float]:
+    """Pixel Spacing of the shared Pixel Measures, else the imaged volume over the total pixel matrix."""
+    shared = header.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    measures = shared[0].get("PixelMeasuresSequence") or [Dataset()]
+    spacing = measures[0].get("PixelSpacing") or header.get("PixelSpacing")
+    if spacing:
+        return float(spacing[0]), float(spacing[1])
+    if "ImagedVolumeHeight" in header and "ImagedVolumeWidth" in header:
+        return (float(header.ImagedVolumeHeight) / int(header.TotalPixelMatrixRows),
+                float(header.ImagedVolumeWidth) / int(header.TotalPixelMatrixColumns))
+    raise ImageReadError(f"{name}: no pixel spacing")
+
+
+def _frame_value(group: Dataset, shared: Dataset, sequence: str, keyword: str):
+    for holder in (group, shared):
+        items = holder.get(sequence)
+        if items and keyword in items[0]:
+            return items[0].get(keyword)
+    return None
+
+
+def _sparse_tiles(parts: list[_Part], name: str) -> np.ndarray:
+    """(row, column, frame) of each tile of the first optical path on the focal plane nearest Z offset 0."""
+    header = parts[0].header
+    paths = header.get("OpticalPathSequence") or []
+    first_path = str(paths[0].get("OpticalPathIdentifier", "")) if paths else None
+    shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    rows, cols, zs, frames = [], [], [], []
+    for part in parts:
+        groups = part.header.get("PerFrameFunctionalGroupsSequence") or []
+        if len(groups) != part.frames:
+            raise ImageReadError(f"{name}: TILED_SPARSE level without a position for each of its frames")
+        for i, group in enumerate(groups):
+            path = _frame_value(group, shared, "OpticalPathIdentificationSequence", "OpticalPathIdentifier")
+            if first_path is not None and path is not None and str(path) != first_path:
+                continue
+            row = _frame_value(group, shared, "PlanePositionSlideSequence", "RowPositionInTotalImagePixelMatrix")
+            col = _frame_value(group, shared, "PlanePositionSlideSequence", "ColumnPositionInTotalImagePixelMatrix")
+            if row is None or col is None:
+                raise ImageReadError(f"{name}: TILED_SPARSE frame {part.offset + i + 1} has no tile position")
+            z = _frame_value(group, shared, "PlanePositionSlideSequence", "ZOffsetInSlideCoordinateSystem")
+            rows.append(int(row) - 1)
+            cols.append(int(col) - 1)
+            zs.append(abs(float(z)) if z is not None else 0.0)
+            frames.append(part.offset + i)
+    if not frames:
+        return np.zeros((0, 3), np.int64)
+    zs_arr = np.asarray(zs)
+    keep = np.isclose(zs_arr, zs_arr.min(), rtol=0, atol=1e-7)
+    return np.stack([np.asarray(rows), np.asarray(cols), np.asarray(frames)], axis=1)[keep]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Region and level
+
+
+def _level0_box(levels: list[_Level], region, name: str) -> tuple[int, int, int, int]:
+    """The region (x, y, width, height) clipped to level 0; refused when empty or outside the slide."""
+    base = levels[0]
+    if region is None:
+        return 0, 0, base.columns, base.rows
+    try:
+        x, y, width, height = (int(v) for v in region)
+    except (TypeError, ValueError):
+        raise ImageReadError(f"{name}: region must be four integers x, y, width, height") from None
+    if width <= 0 or height <= 0:
+        raise ImageReadError(f"{name}: empty region {width}x{height}")
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + width, base.columns), min(y + height, base.rows)
+    if x1 <= x0 or y1 <= y0:
+        raise ImageReadError(f"{name}: region {x},{y} {width}x{height} lies outside the slide "
+                             f"({base.columns}x{base.rows} at level 0)")
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def _at_level(level: _Level, base: _Level, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The level-0 box in ``level``'s pixels (row, column, rows, columns), scaled by the matrix sizes."""
+    sx, sy = level.columns / base.columns, level.rows / base.rows
+    x, y, width, height = box
+    c0, r0 = math.floor(x * sx), math.floor(y * sy)
+    c1 = min(max(math.ceil((x + width) * sx), c0 + 1), level.columns)
+    r1 = min(max(math.ceil((y + height) * sy), r0 + 1), level.rows)
+    return r0, c0, r1 - r0, c1 - c0
+
+
+def _choose_level(levels: list[_Level], box, selection: SlideSelection, name: str) -> int:
+    sizes = [_at_level(level, levels[0], box)[2:] for level in levels]
+    if selection.level is not None:
+        if not 0 <= selection.level < len(levels):
+            raise ImageReadError(f"{name}: no level {selection.level}; the slide has levels 0..{len(levels) - 1}")
+        chosen = selection.level
+    elif selection.min_side is not None:
+        wide = [k for k, (rows, cols) in enumerate(sizes) if max(rows, cols) >= selection.min_side]
+        chosen = wide[-1] if wide else 0
+    else:
+        chosen = next((k for k, (rows, cols) in enumerate(sizes) if rows * cols <= selection.max_pixels),
+                      len(levels) - 1)
+    rows, cols = sizes[chosen]
+    if rows * cols > selection.max_pixels or rows * cols * 3 > MAX_DECLARED_BYTES:
+        listing = ", ".join(f"{k}: {c}x{r}" for k, (r, c) in enumerate(sizes))
+        raise ImageReadError(f"{name}: region of {cols}x{rows} pixels at level {chosen} exceeds the limit of "
+                             f"{min(selection.max_pixels, MAX_DECLARED_BYTES // 3)} pixels (region per level "
+                             f"{listing}); choose a smaller --region or a coarser --level")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiles
+
+
+def decode_frames(source: Path | Dataset, indices: list[int]) -> Iterator[np.ndarray]:
+    """The frames ``indices`` (0-based, ascending) of one instance, decoded one at a time, as RGB when the
+    tiles are YBR. A dataset read without its pixel data is decoded from the file it was read from."""
+    if isinstance(source, Dataset) and "PixelData" not in source and isinstance(source.filename, str):
+        source = Path(source.filename)
+    yield from iter_pixels(str(source) if isinstance(source, Path) else source, indices=indices)
+
+
+def _tile_frames(level: _Level, r0: int, c0: int, rows: int, cols: int) -> Iterable[tuple[int, int, int]]:
+    """(tile row, tile column, level frame) of the tiles meeting rows r0.. and columns c0.. of the level."""
+    th, tw = level.tile_rows, level.tile_columns
+    if level.tiles is not None:
+        t = level.tiles
+        meets = (t[:, 0] < r0 + rows) & (t[:, 0] + th > r0) & (t[:, 1] < c0 + cols) & (t[:, 1] + tw > c0)
+        return [tuple(int(v) for v in tile) for tile in t[meets]]
+    across = -(-level.columns // tw)
+    return [(tr * th, tc * tw, tr * across + tc) for tr in range(r0 // th, (r0 + rows - 1) // th + 1)
+            for tc in range(c0 // tw, (c0 + cols - 1) // tw + 1)]
+
+
+def _assemble(level: _Level, r0: int, c0: int, rows: int, cols: int, name: str) -> np.ndarray:
+    """The level's pixels rows r0..r0+rows, columns c0..c0+cols; missing tiles are ``BACKGROUND``."""
+    out = np.full((rows, cols, 3), BACKGROUND, np.uint8)
+    wanted: dict[int, list[tuple[int, int, int]]] = {}
+    for tile_row, tile_col, frame in _tile_frames(level, r0, c0, rows, cols):
+        part = next((k for k, p in enumerate(level.parts) if p.offset <= frame < p.offset + p.frames), None)
+        if part is None:
+            raise ImageReadError(f"{name}: tile frame {frame + 1} is not in the level's instances")
+        wanted.setdefault(part, []).append((frame - level.parts[part].offset, tile_row, tile_col))
+    for k, tiles in wanted.items():
+        tiles.sort()
+        try:
+            decoded = decode_frames(level.parts[k].source, [local for local, _, _ in tiles])
+            for (_, tile_row, tile_col), tile in zip(tiles, decoded):
+                _place(out, _rgb(tile, name), tile_row - r0, tile_col - c0)
+        except ImageReadError:
+            raise
+        except Exception as err:  # codecs raise many types
+            raise ImageReadError(f"{name}: cannot decode slide tiles ({type(err).__name__}: {err}); install "
+                                 "unimedvl-core[dicom-codecs] for its decoder") from None
+    return out
+
+
+def _rgb(tile: np.ndarray, name: str) -> np.ndarray:
+    if tile.dtype != np.uint8:
+        raise ImageReadError(f"{name}: slide tiles of {tile.dtype} are not supported (8-bit only)")
+    if tile.ndim == 2:
+        return np.repeat(tile[..., None], 3, axis=-1)
+    return tile[..., :3]
+
+
+def _place(out: np.ndarray, tile: np.ndarray, top: int, left: int) -> None:
+    """Copy the part of ``tile`` (top-left at ``top``, ``left`` of ``out``) that falls inside ``out``."""
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + tile.shape[0], out.shape[0]), min(left + tile.shape[1], out.shape[1])
+    if r1 > r0 and c1 > c0:
+        out[r0:r1, c0:c1] = tile[r0 - top:r1 - top, c0 - left:c1 - left]
+
+
+def _read(levels: list[_Level], name: str, selection: SlideSelection | None) -> MedicalImage:
+    selection = selection or SlideSelection()
+    box = _level0_box(levels, selection.region, name)
+    chosen = _choose_level(levels, box, selection, name)
+    level = levels[chosen]
+    row, column, rows, cols = _at_level(level, levels[0], box)
+    pixels = _assemble(level, row, column, rows, cols, name)
+    where = SlideRegion(chosen, row, column, rows, cols, level.spacing, len(levels))
+    return MedicalImage(pixels, name, dataset=level.header, modality="SM", frame=None, num_frames=1,
+                        geometry={"slide_region": where, "pixel_spacing": level.spacing})
+

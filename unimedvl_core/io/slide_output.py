@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -32,15 +31,13 @@ from .derived_labels import (
     weights_of,
 )
 from .medical_io import MedicalImage
+from .slide import BACKGROUND, SlideRegion
 from .synthetic import SOFTWARE
-
-if TYPE_CHECKING:  # TEMPORARY until slide.py lands from branch slide-read
-    from .slide import SlideRegion
 
 __all__ = ["derived_slide_image", "TILE", "PADDING_VALUE", "region_origin_and_spacing"]
 
 TILE = 256
-PADDING_VALUE = 255  # edge tiles are padded with white: empty glass in bright-field
+PADDING_VALUE = BACKGROUND  # edge tiles are padded with what the reader shows where no tile is: glass
 IMAGE_TYPE = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]
 # Header attributes that say which slide and specimen an image shows; copied so the output lies on the
 # same slide (type 1 ones are checked first, the others copied when the source has them).
@@ -209,7 +206,7 @@ def derived_slide_image(pixels: np.ndarray, source: MedicalImage, task: str, des
     ``source`` was read from (``source.geometry["slide_region"]``), in the source's patient, study and frame
     of reference, in the given series; labelled synthetic and naming the weights (``provenance``)."""
     ref, region = source.dataset, source.geometry.get("slide_region")
-    if ref is None or region is None:
+    if ref is None or not isinstance(region, SlideRegion):
         raise ValueError("a slide output needs a slide source read with its region (geometry['slide_region'])")
     pixels = _rgb(pixels)
     ds = Dataset()

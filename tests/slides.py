@@ -18,6 +18,15 @@ positions), ``concatenate`` (level index split into two instances of one concate
 ``focal_planes`` / ``optical_paths`` (extra planes and paths hold other content: the inverted image, so a reader
 taking the wrong one is caught; the nominal plane is the first, Z offset 0), ``extras`` (THUMBNAIL, LABEL,
 OVERVIEW instances). Edge tiles are padded with white. Patient name everywhere: ``PATIENT_NAME``.
+
+Grey (fluorescence) slides: ``photometric`` "MONOCHROME2" or "MONOCHROME1" with ``bits`` 8 or 16 (raw encoding,
+no extras) holds ``fluorescence_image``: a dark field with bright nuclei under illumination rising from left to
+right, so tiles differ in brightness; ``truth.levels[k]`` are then the (rows, cols) stored values, and ``window``
+(centre, width) writes a Window Center / Width (not in the IOD: dciodvfy warns of a Standard Extended SOP Class).
+Epifluorescence optical paths, no ICC profile; edge tiles padded with 0. MONOCHROME1 is not allowed by the IOD
+(dciodvfy rejects it), built for readers that meet such files anyway; MONOCHROME2 instances pass dciodvfy.
+
+    truth = build_slide(folder, encoding="raw", photometric="MONOCHROME2", bits=16, extras=False)
 """
 
 from __future__ import annotations
@@ -34,14 +43,15 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, generate_uid
 
-__all__ = ["SlideTruth", "build_slide", "build_declared_slide", "he_image", "downsample", "PATIENT_NAME",
-           "DECLARED_SIZE", "LEVEL0_SPACING_MM", "JPEG_QUALITY"]
+__all__ = ["SlideTruth", "build_slide", "build_declared_slide", "he_image", "fluorescence_image", "downsample",
+           "PATIENT_NAME", "DECLARED_SIZE", "LEVEL0_SPACING_MM", "JPEG_QUALITY", "GREY_PHOTOMETRICS"]
 
 PATIENT_NAME = "Slideson^Paula"
 LEVEL0_SPACING_MM = 0.00025  # 0.25 um: a 40x scan
 DECLARED_SIZE = (98304, 75264)  # (columns, rows) of a real 40x slide, 24.6 x 18.8 mm of tissue area
 JPEG_QUALITY = 90
 WHITE = 255
+GREY_PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
 
 
 @dataclass
@@ -87,21 +97,43 @@ def he_image(cols: int, rows: int, seed: int = 0) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def fluorescence_image(cols: int, rows: int, seed: int = 0, bits: int = 16) -> np.ndarray:
+    """(rows, cols) uint8 or uint16 (``bits``): a fluorescence field, dark background, dim tissue, bright nuclei,
+    under illumination rising from 0.25 on the left to 1 on the right; values stay within 2 % .. 62 % of the
+    range, so a reader that shifts bits or takes the type's range instead of the data's is caught."""
+    rng = np.random.default_rng(seed)
+    tissue = _smooth_noise(rng, rows, cols, 160)
+    nuclei = np.clip((_smooth_noise(rng, rows, cols, 9) - 0.6) / 0.4, 0, 1)
+    light = np.linspace(0.25, 1.0, cols, dtype=np.float32)[None, :]
+    fraction = 0.02 + 0.6 * np.clip(0.08 + 0.12 * tissue + 0.8 * nuclei, 0, 1) * light
+    return np.rint(fraction * (2**bits - 1)).astype(np.uint16 if bits == 16 else np.uint8)
+
+
 def downsample(image: np.ndarray) -> np.ndarray:
-    """Half size by 2 x 2 averaging (odd edges repeat their last row/column), rounded."""
+    """Half size by 2 x 2 averaging (odd edges repeat their last row/column), rounded; (rows, cols, 3) or
+    (rows, cols), 8- or 16-bit."""
     rows, cols = -(-image.shape[0] // 2) * 2, -(-image.shape[1] // 2) * 2
-    padded = np.pad(image, ((0, rows - image.shape[0]), (0, cols - image.shape[1]), (0, 0)), mode="edge")
-    blocks = padded.astype(np.uint16).reshape(rows // 2, 2, cols // 2, 2, 3).sum(axis=(1, 3))
-    return ((blocks + 2) // 4).astype(np.uint8)
+    samples = ((0, 0),) * (image.ndim - 2)
+    padded = np.pad(image, ((0, rows - image.shape[0]), (0, cols - image.shape[1]), *samples), mode="edge")
+    blocks = padded.astype(np.uint32).reshape(rows // 2, 2, cols // 2, 2, *image.shape[2:]).sum(axis=(1, 3))
+    return ((blocks + 2) // 4).astype(image.dtype)
+
+
+def _inverted(block: np.ndarray) -> np.ndarray:
+    """Other content for extra planes and paths: the image upside down in value (white - x for 8-bit RGB)."""
+    return np.iinfo(block.dtype).max - block
 
 
 def _tiles(image: np.ndarray, tile: int) -> list[tuple[int, int, np.ndarray]]:
-    """(row index, column index, tile) in row-major order; edge tiles padded with white."""
+    """(row index, column index, tile) in row-major order; edge tiles padded with white (colour) or 0 (grey). A
+    level smaller than a tile has tiles of its own size, as ``_instance`` declares (Rows, Columns)."""
     out = []
-    for r in range(-(-image.shape[0] // tile)):
-        for c in range(-(-image.shape[1] // tile)):
-            block = np.full((tile, tile, 3), WHITE, np.uint8)
-            part = image[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+    pad = WHITE if image.ndim == 3 else 0
+    th, tw = min(tile, image.shape[0]), min(tile, image.shape[1])
+    for r in range(-(-image.shape[0] // th)):
+        for c in range(-(-image.shape[1] // tw)):
+            block = np.full((th, tw, *image.shape[2:]), pad, image.dtype)
+            part = image[r * th:(r + 1) * th, c * tw:(c + 1) * tw]
             block[:part.shape[0], :part.shape[1]] = part
             out.append((r, c, block))
     return out
@@ -161,15 +193,22 @@ def _specimen(ds: Dataset, slide: _Slide) -> None:
     ds.SpecimenDescriptionSequence = Sequence([spec])
 
 
-def _optical_paths(ds: Dataset, slide: _Slide, count: int) -> None:
+def _optical_paths(ds: Dataset, slide: _Slide, count: int, grey: bool = False) -> None:
+    """Brightfield paths with the sRGB profile, or (``grey``) epifluorescence channels excited at 405, 488, ...
+    nm, without a profile (the pixels are no colour)."""
     items = []
     for i in range(count):
         path = Dataset()
         path.OpticalPathIdentifier = str(i + 1)
-        path.OpticalPathDescription = "Brightfield" if i == 0 else f"Brightfield {i + 1}"
-        path.IlluminationTypeCodeSequence = Sequence([_code("111744", "DCM", "Brightfield illumination")])
-        path.IlluminationColorCodeSequence = Sequence([_code("414298005", "SCT", "Full Spectrum")])
-        path.ICCProfile = slide.icc
+        if grey:
+            path.OpticalPathDescription = f"Fluorescence channel {i + 1}"
+            path.IlluminationTypeCodeSequence = Sequence([_code("111743", "DCM", "Epifluorescence illumination")])
+            path.IlluminationWaveLength = (405.0, 488.0, 561.0, 640.0)[i % 4]
+        else:
+            path.OpticalPathDescription = "Brightfield" if i == 0 else f"Brightfield {i + 1}"
+            path.IlluminationTypeCodeSequence = Sequence([_code("111744", "DCM", "Brightfield illumination")])
+            path.IlluminationColorCodeSequence = Sequence([_code("414298005", "SCT", "Full Spectrum")])
+            path.ICCProfile = slide.icc
         items.append(path)
     ds.OpticalPathSequence = Sequence(items)
     ds.NumberOfOpticalPaths = count
@@ -180,8 +219,9 @@ def _image_type(kind: str, level: int) -> list[str]:
 
 
 def _instance(slide: _Slide, kind: str, level: int, cols: int, rows: int, spacing: float, tile: int,
-              lossy: bool) -> Dataset:
-    """Everything but the frames and the functional groups of one VL WSI instance."""
+              lossy: bool, grey: tuple[str, int] | None = None) -> Dataset:
+    """Everything but the frames and the functional groups of one VL WSI instance; ``grey``: (photometric
+    interpretation, bits) of grey pixels, else colour."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = VLWholeSlideMicroscopyImageStorage, generate_uid()
     _patient_study_series(ds, slide)
@@ -196,9 +236,7 @@ def _instance(slide: _Slide, kind: str, level: int, cols: int, rows: int, spacin
     origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = 20.0, 40.0
     ds.TotalPixelMatrixOriginSequence = Sequence([origin])
     ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
-    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
-    ds.PhotometricInterpretation = "YBR_FULL_422" if lossy else "RGB"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    _pixel_description(ds, lossy, grey)
     ds.LossyImageCompression = "01" if lossy else "00"
     if lossy:
         ds.LossyImageCompressionRatio, ds.LossyImageCompressionMethod = 12.0, "ISO_10918_1"
@@ -210,6 +248,19 @@ def _instance(slide: _Slide, kind: str, level: int, cols: int, rows: int, spacin
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit if lossy else ExplicitVRLittleEndian
     return ds
+
+
+def _pixel_description(ds: Dataset, lossy: bool, grey: tuple[str, int] | None) -> None:
+    if grey is None:
+        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+        ds.PhotometricInterpretation = "YBR_FULL_422" if lossy else "RGB"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        return
+    photometric, bits = grey
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    if photometric == "MONOCHROME2":  # type 1C for MONOCHROME2, the only grey value the IOD allows
+        ds.RescaleIntercept, ds.RescaleSlope, ds.PresentationLUTShape = 0, 1, "IDENTITY"
 
 
 def _shared_groups(ds: Dataset, spacing: float, sparse: bool, planes: int) -> None:
@@ -268,7 +319,8 @@ def _set_frames(ds: Dataset, frames: list[np.ndarray], lossy: bool) -> None:
         ds.PixelData = encapsulate([_jpeg(f) for f in frames], has_bot=True)
         ds["PixelData"].VR = "OB"
     else:
-        ds.PixelData = np.ascontiguousarray(np.stack(frames)).tobytes()
+        stacked = np.stack(frames)
+        ds.PixelData = np.ascontiguousarray(stacked, stacked.dtype.newbyteorder("<")).tobytes()
 
 
 def _save(ds: Dataset, path: Path) -> Path:
@@ -289,7 +341,7 @@ def _full_frames(image: np.ndarray, tile: int, planes: int, paths: int) -> list[
     out = []
     for p in range(paths):
         for z in range(planes):
-            out += tiles if p == 0 and z == 0 else [WHITE - t for t in tiles]
+            out += tiles if p == 0 and z == 0 else [_inverted(t) for t in tiles]
     return out
 
 
@@ -301,7 +353,7 @@ def _sparse_frames(ds: Dataset, image: np.ndarray, tile: int, spacing: float, pl
     offsets = [0.0] + [(1 if k % 2 else -1) * 0.001 * ((k + 1) // 2) for k in range(1, planes)]
     for r, c, block in reversed(_tiles(image, tile)):
         for z in reversed(offsets):
-            frames.append(block if z == 0 else WHITE - block)
+            frames.append(block if z == 0 else _inverted(block))
             groups.append(_plane_position(ds, origin[0] + r * tile, origin[1] + c * tile, spacing, z))
     return frames, groups
 
@@ -309,9 +361,11 @@ def _sparse_frames(ds: Dataset, image: np.ndarray, tile: int, spacing: float, pl
 def _write_level(slide: _Slide, folder: Path, image: np.ndarray, level: int, spacing: float, opts: dict,
                  parts: int = 1) -> list[Path]:
     sparse, lossy, tile = opts["organization"] == "TILED_SPARSE", opts["encoding"] == "jpeg", opts["tile"]
-    planes, paths = opts["focal_planes"], opts["optical_paths"]
-    ds = _instance(slide, "VOLUME", level, image.shape[1], image.shape[0], spacing, tile, lossy)
-    _optical_paths(ds, slide, 1 if sparse else paths)
+    planes, paths, grey = opts["focal_planes"], opts["optical_paths"], opts.get("grey")
+    ds = _instance(slide, "VOLUME", level, image.shape[1], image.shape[0], spacing, tile, lossy, grey)
+    _optical_paths(ds, slide, 1 if sparse else paths, grey is not None)
+    if opts.get("window") is not None:
+        ds.WindowCenter, ds.WindowWidth = opts["window"]
     ds.TotalPixelMatrixFocalPlanes = planes
     _shared_groups(ds, spacing, sparse, planes)
     _dimensions(ds, sparse)
@@ -383,13 +437,16 @@ def _extras(slide: _Slide, folder: Path, base: np.ndarray, truth: SlideTruth) ->
 
 def build_slide(folder: Path, size: tuple[int, int] = (1500, 1100), tile: int = 256, levels: int = 3,
                 encoding: str = "jpeg", organization: str = "TILED_FULL", concatenate: int | None = None,
-                focal_planes: int = 1, optical_paths: int = 1, extras: bool = True, seed: int = 0) -> SlideTruth:
+                focal_planes: int = 1, optical_paths: int = 1, extras: bool = True, seed: int = 0,
+                photometric: str | None = None, bits: int = 8,
+                window: tuple[float, float] | None = None) -> SlideTruth:
     """Write one slide series into ``folder`` (created); see the module docstring."""
+    grey = _grey_options(photometric, bits, encoding, extras, window)
     folder.mkdir(parents=True, exist_ok=True)
     slide = _Slide()
     opts = {"organization": organization, "encoding": encoding, "tile": tile, "focal_planes": focal_planes,
-            "optical_paths": optical_paths}
-    images = [he_image(*size, seed=seed)]
+            "optical_paths": optical_paths, "grey": grey, "window": window}
+    images = [he_image(*size, seed=seed) if grey is None else fluorescence_image(*size, seed=seed, bits=bits)]
     for _ in range(levels - 1):
         images.append(downsample(images[-1]))
     truth = SlideTruth(folder, slide.series_uid, images, [], [], lossy=encoding == "jpeg", tile=tile)
@@ -403,6 +460,19 @@ def build_slide(folder: Path, size: tuple[int, int] = (1500, 1100), tile: int = 
     if extras:
         _extras(slide, folder, images[0], truth)
     return truth
+
+
+def _grey_options(photometric: str | None, bits: int, encoding: str, extras: bool,
+                  window: tuple[float, float] | None) -> tuple[str, int] | None:
+    if photometric is None:
+        if bits != 8 or window is not None:
+            raise ValueError("bits and window are for grey slides: give photometric MONOCHROME2 or MONOCHROME1")
+        return None
+    if photometric not in GREY_PHOTOMETRICS or bits not in (8, 16):
+        raise ValueError(f"grey slides are {' or '.join(GREY_PHOTOMETRICS)} of 8 or 16 bits")
+    if encoding != "raw" or extras:
+        raise ValueError("grey slides are built uncompressed (encoding='raw') and without extras")
+    return photometric, bits
 
 
 def build_declared_slide(folder: Path, held: tuple[int, int] = (3, 3), tile: int = 256,

@@ -1,9 +1,12 @@
 """Whole-slide reading (unimedvl_core/io/slide.py) against the ground truth of tests/slides.py: regions at every
-level, every tile organisation, level choice, decoding only the tiles needed, the label never read, errors."""
+level, every tile organisation, level choice, decoding only the tiles needed, the label never read, errors; grey
+(fluorescence) slides mapped once per region like any grey image; highdicom's real grey test slides."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -224,3 +227,147 @@ def test_a_header_read_without_pixels_is_decoded_from_its_file(slides):
     header = pydicom.dcmread(truth.volume_files[0][0], stop_before_pixels=True)
     image = read_slide(header, SlideSelection(REGION))
     assert np.abs(image.pixels.astype(int) - _truth(truth, image)).mean() < JPEG_MEAN_ERROR
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grey (fluorescence) slides: stored values assembled, then one mapping for the region (docs/medical-io.md)
+
+GREY = {
+    "grey16_full": {"bits": 16},
+    "grey16_sparse_concatenated_planes": {"bits": 16, "organization": "TILED_SPARSE", "concatenate": 1,
+                                          "focal_planes": 3},
+    "grey8_full_paths_concatenated": {"bits": 8, "optical_paths": 2, "concatenate": 0},
+    "grey16_monochrome1": {"bits": 16, "photometric": "MONOCHROME1"},
+    "grey16_window": {"bits": 16, "window": (14000.0, 12000.0)},
+}
+HIGHDICOM = Path("/work/.mirror/ImagingDataCommons+highdicom/repo")
+
+
+@pytest.fixture(scope="module")
+def grey_slides(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grey_slides")
+    return {name: build_slide(root / name, encoding="raw", extras=False,
+                              **{"photometric": "MONOCHROME2", **kwargs}) for name, kwargs in GREY.items()}
+
+
+def _full_range_of(values: np.ndarray) -> np.ndarray:
+    """Stored values onto 0..255 by their own minimum and maximum (no rescale in these files)."""
+    low, high = float(values.min()), float(values.max())
+    return np.clip(np.rint((values.astype(np.float64) - low) * 255.0 / (high - low)), 0, 255).astype(np.uint8)
+
+
+def _linear_window(values: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1, LINEAR, onto 0..255."""
+    x = values.astype(np.float64)
+    y = ((x - (centre - 0.5)) / (width - 1) + 0.5) * 255.0
+    y = np.where(x <= centre - 0.5 - (width - 1) / 2, 0.0, np.where(x > centre - 0.5 + (width - 1) / 2, 255.0, y))
+    return np.rint(y).astype(np.uint8)
+
+
+def _grey(image) -> np.ndarray:
+    assert image.pixels.dtype == np.uint8 and image.pixels.shape[2] == 3
+    assert (image.pixels == image.pixels[..., :1]).all()  # grey -> RGB: three equal channels
+    return image.pixels[..., 0]
+
+
+@pytest.mark.parametrize("name", ["grey16_full", "grey16_sparse_concatenated_planes", "grey8_full_paths_concatenated"])
+@pytest.mark.parametrize("level", [0, 2])
+def test_grey_region_is_its_stored_values_over_their_full_range(grey_slides, name, level):
+    truth = grey_slides[name]
+    image = read_slide(truth.folder, SlideSelection(region=REGION, level=level))
+    values = _truth(truth, image)
+    assert values.dtype == (np.uint8 if "grey8" in name else np.uint16)
+    assert np.array_equal(_grey(image), _full_range_of(values))
+    assert image.value_range == (float(values.min()), float(values.max())) and image.window is None
+    assert image.pixels.shape[:2] == values.shape
+
+
+def test_grey_tiles_share_one_mapping(grey_slides):
+    """Four tiles of rising brightness (the illumination rises to the right): one mapping for all, so the dim
+    tiles stay dim; each tile read alone is stretched to its own range."""
+    truth = grey_slides["grey16_full"]
+    region = (0, 256, 1024, 256)  # level-0 tiles (1, 0) .. (1, 3)
+    image = read_slide(truth.folder, SlideSelection(region=region, level=0))
+    grey, values = _grey(image), truth.levels[0][256:512, :1024]
+    order = np.argsort(values, axis=None, kind="stable")
+    assert (np.diff(grey.ravel()[order].astype(int)) >= 0).all()  # one non-decreasing function of the values
+    tile_maxima = [int(grey[:, 256 * k:256 * (k + 1)].max()) for k in range(4)]
+    assert tile_maxima == sorted(tile_maxima) and tile_maxima[0] < 200 and tile_maxima[3] == 255
+    alone = read_slide(truth.folder, SlideSelection(region=(0, 256, 256, 256), level=0))
+    assert _grey(alone).max() == 255 and _grey(alone).min() == 0
+
+
+def test_monochrome1_is_inverted(grey_slides):
+    truth = grey_slides["grey16_monochrome1"]
+    image = read_slide(truth.folder, SlideSelection(region=REGION, level=1))
+    values = _truth(truth, image)
+    assert np.array_equal(_grey(image), 255 - _full_range_of(values))
+    assert image.value_range == (float(values.min()), float(values.max()))
+
+
+def test_grey_window_from_the_file_then_the_callers(grey_slides):
+    truth = grey_slides["grey16_window"]
+    image = read_image(truth.folder, slide=SlideSelection(region=REGION, level=0))
+    values = _truth(truth, image)
+    assert np.array_equal(_grey(image), _linear_window(values, 14000.0, 12000.0))
+    assert image.window == (14000.0, 12000.0) and image.value_range == (8000.0, 20000.0)
+    # the same window in the shared functional groups (Frame VOI LUT) of a dataset in memory
+    ds = pydicom.dcmread(truth.volume_files[0][0])
+    voi = pydicom.Dataset()
+    voi.WindowCenter, voi.WindowWidth = ds.WindowCenter, ds.WindowWidth
+    del ds.WindowCenter, ds.WindowWidth
+    ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence = pydicom.Sequence([voi])
+    assert np.array_equal(read_slide(ds, SlideSelection(region=REGION)).pixels, image.pixels)
+    callers = read_image(truth.folder, window=(30000.0, 20000.0), slide=SlideSelection(region=REGION, level=0))
+    assert np.array_equal(_grey(callers), _linear_window(values, 30000.0, 20000.0)) and callers.window == (30000, 20000)
+
+
+def _without_top_left_tile(path) -> pydicom.Dataset:
+    """A TILED_SPARSE level in memory without its top-left tile (written last: tiles are in reverse order)."""
+    ds = pydicom.dcmread(path)
+    frames = int(ds.NumberOfFrames)
+    frame_bytes = len(ds.PixelData) // frames
+    ds.PixelData = ds.PixelData[:frame_bytes * (frames - 1)]
+    ds.NumberOfFrames = frames - 1
+    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence(list(ds.PerFrameFunctionalGroupsSequence)[:-1])
+    position = ds.PerFrameFunctionalGroupsSequence[-1].PlanePositionSlideSequence[0]
+    assert (position.RowPositionInTotalImagePixelMatrix, position.ColumnPositionInTotalImagePixelMatrix) != (1, 1)
+    return ds
+
+
+def test_missing_grey_tiles_are_dark_and_leave_the_range_alone(tmp_path):
+    truth = build_slide(tmp_path / "sparse", encoding="raw", organization="TILED_SPARSE", photometric="MONOCHROME2",
+                        bits=16, extras=False, levels=1, size=(700, 600))
+    ds = _without_top_left_tile(truth.volume_files[0][0])
+    image = read_slide(ds, SlideSelection(region=(100, 100, 400, 300)))
+    grey, values = _grey(image), truth.levels[0][100:400, 100:500]
+    assert (grey[:156, :156] == slide_io.DARK_BACKGROUND).all()
+    held = np.ones(values.shape, bool)
+    held[:156, :156] = False
+    assert np.array_equal(grey[held], _full_range_of(values[held]))  # the range of the held tiles only
+    assert image.value_range == (float(values[held].min()), float(values[held].max()))
+    nothing = read_slide(ds, SlideSelection(region=(0, 0, 200, 200)))
+    assert (nothing.pixels == slide_io.DARK_BACKGROUND).all() and nothing.value_range is None
+    # a grey brightfield scan shows its missing tiles as white glass
+    ds.OpticalPathSequence[0].IlluminationTypeCodeSequence[0].CodeValue = "111744"
+    assert (read_slide(ds, SlideSelection(region=(0, 0, 200, 200))).pixels == slide_io.BACKGROUND).all()
+
+
+@pytest.mark.parametrize("name", ["sm_image_grayscale", "sm_image_grayscale_reversed"])
+def test_real_highdicom_grey_slides(name, tmp_path):
+    """highdicom's 16-bit MONOCHROME2 epifluorescence test slides: 5 x 5 tiles of 10 x 10, TILED_FULL, each
+    frame one value (0..24, or 24..0 reversed)."""
+    if not HIGHDICOM.is_dir():
+        pytest.skip("highdicom mirror not present")
+    blob = subprocess.run(["git", f"--git-dir={HIGHDICOM}", "show", f"HEAD:data/test_files/{name}.dcm"],
+                          capture_output=True, check=False)
+    if blob.returncode:
+        pytest.skip(f"{name}.dcm not in the highdicom mirror")
+    path = tmp_path / f"{name}.dcm"
+    path.write_bytes(blob.stdout)
+    frames = pydicom.dcmread(path).pixel_array  # (25, 10, 10) uint16, independent of the reader
+    stored = frames.reshape(5, 5, 10, 10).swapaxes(1, 2).reshape(50, 50)
+    image = read_image(path)
+    assert np.array_equal(_grey(image), _full_range_of(stored)) and image.value_range == (0.0, 24.0)
+    corner = read_slide(path, SlideSelection(region=(5, 5, 10, 10)))  # over four tiles
+    assert np.array_equal(_grey(corner), _full_range_of(stored[5:15, 5:15]))

@@ -5,9 +5,12 @@ with errors that name no patient data (docs/medical-io.md#slide-outputs)."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pydicom
 import pytest
+from PIL import ImageCms
 from pydicom.uid import VLWholeSlideMicroscopyImageStorage, generate_uid
 
 from tests.conftest import dciodvfy_errors
@@ -205,3 +208,27 @@ def test_region_read_by_the_slide_reader_is_written_back_over_itself(slide, tmp_
                        _slide_position(level1, region.row, region.column), atol=1e-9, rtol=0)
     assert out.SourceImageSequence[0].ReferencedSOPInstanceUID == level1.SOPInstanceUID
     assert np.array_equal(read_slide(path).pixels, image.pixels)
+
+
+def test_output_of_a_grey_fluorescence_region(tmp_path):
+    """A 16-bit MONOCHROME2 epifluorescence source: the RGB output passes dciodvfy (its optical path, copied
+    from the source's, gets the sRGB profile the source's grey path lacks) and reads back pixel for pixel."""
+    truth = build_slide(tmp_path / "grey", encoding="raw", photometric="MONOCHROME2", bits=16, extras=False,
+                        levels=2)
+    image = read_slide(truth.folder, SlideSelection(region=(402, 318, 520, 380), level=1))
+    assert "ICCProfile" not in image.dataset.OpticalPathSequence[0]
+    pixels = np.kron(image.pixels, np.ones((4, 4, 1), np.uint8))  # as a 4x super-resolution output
+    _, path = _write(pixels, image, tmp_path)
+    assert dciodvfy_errors(path) == []
+    out = pydicom.dcmread(path)
+    path_item = out.OpticalPathSequence[0]
+    assert path_item.OpticalPathIdentifier == image.dataset.OpticalPathSequence[0].OpticalPathIdentifier
+    assert path_item.IlluminationTypeCodeSequence[0].CodeValue == "111743"
+    assert ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(path_item.ICCProfile))).startswith("sRGB")
+    assert out.PhotometricInterpretation == "RGB" and out.SamplesPerPixel == 3
+    assert np.array_equal(read_slide(path).pixels, pixels)
+    region = image.geometry["slide_region"]
+    level1 = pydicom.dcmread(truth.volume_files[1][0], stop_before_pixels=True)
+    # outer corners of the output's first pixel and of the region's coincide (placement from PS3.3, as above)
+    assert np.allclose(_slide_position(out, -0.5, -0.5),
+                       _slide_position(level1, region.row - 0.5, region.column - 0.5), atol=1e-9, rtol=0)

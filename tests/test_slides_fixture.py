@@ -36,6 +36,12 @@ SLIDES = {
                                 "focal_planes": 2, "extras": False},
     "raw_full_planes_paths": {"encoding": "raw", "focal_planes": 2, "optical_paths": 2, "concatenate": 0,
                               "extras": False, "levels": 2},
+    "grey16_sparse_concatenated": {"encoding": "raw", "photometric": "MONOCHROME2", "bits": 16,
+                                   "organization": "TILED_SPARSE", "concatenate": 1, "focal_planes": 2,
+                                   "extras": False},
+    # level 1 (300 x 250) is smaller than a tile; the window is an extension (a dciodvfy warning, not an error)
+    "grey8_full_paths_window": {"encoding": "raw", "photometric": "MONOCHROME2", "bits": 8, "optical_paths": 2,
+                                "size": (600, 500), "levels": 2, "extras": False, "window": (60.0, 100.0)},
 }
 
 
@@ -71,3 +77,19 @@ def test_level_ground_truth_and_instance_kinds(tmp_path):
     ds = pydicom.dcmread(truth.volume_files[0][0])
     first = np.frombuffer(ds.PixelData, np.uint8, 256 * 256 * 3).reshape(256, 256, 3)
     assert np.array_equal(first, truth.levels[0][:256, :256])
+
+
+def test_grey_slide_stores_its_truth_and_monochrome1_breaks_only_the_photometric_rules(tmp_path):
+    truth = build_slide(tmp_path / "grey", encoding="raw", photometric="MONOCHROME2", bits=16, extras=False,
+                        levels=1)
+    ds = pydicom.dcmread(truth.volume_files[0][0])
+    assert (ds.PhotometricInterpretation, ds.BitsAllocated, ds.SamplesPerPixel) == ("MONOCHROME2", 16, 1)
+    first = np.frombuffer(ds.PixelData, "<u2", 256 * 256).reshape(256, 256)
+    assert np.array_equal(first, truth.levels[0][:256, :256]) and truth.levels[0].dtype == np.uint16
+    assert ds.OpticalPathSequence[0].IlluminationTypeCodeSequence[0].CodeMeaning == "Epifluorescence illumination"
+    # VL WSI allows MONOCHROME2 only; a MONOCHROME1 slide (for readers' robustness) breaks that and nothing else
+    inverse = build_slide(tmp_path / "m1", encoding="raw", photometric="MONOCHROME1", bits=8, extras=False, levels=1)
+    problems = set(_errors(inverse.volume_files[0][0]))
+    assert problems and all("MONOCHROME1" in line or "ICCProfile" in line for line in problems)
+    with pytest.raises(ValueError, match="raw"):
+        build_slide(tmp_path / "jpeg_grey", photometric="MONOCHROME2", extras=False)

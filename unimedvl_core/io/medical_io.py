@@ -3,7 +3,8 @@
 Everything becomes a display-ready 8-bit RGB image the model can read, without the reference's clipping of
 16-bit data: DICOM pixels go through the Modality LUT (rescale slope/intercept), then the VOI transform
 (a window given by the caller, the file's VOI LUT or window, a modality preset, or else the full data
-range), MONOCHROME1 is inverted, colour data (RGB, YBR, palette) is converted to RGB by pydicom.
+range), MONOCHROME1 is inverted (``voi.py``, shared with the whole-slide reader), colour data (RGB, YBR,
+palette) is converted to RGB by pydicom.
 Errors name the file and the problem; file paths are the only identifiers ever logged (never patient data;
 pydicom's messages that would quote a header value are redacted, ``withheld.py``).
 """
@@ -15,16 +16,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut
 
 from ..modeling.preprocessing import MAX_INPUT_PIXELS, to_rgb
 from .dicom_files import dicom_image_headers, is_dicom_file
 from .dicom_files import read_dicom as _read_dicom
 from .medical_image import MAX_DECLARED_BYTES, ImageReadError, MedicalImage
 from .slide import SlideSelection, is_slide, read_slide, slide_from_headers
+from .voi import (
+    MODALITY_WINDOWS,
+    WINDOW_PRESETS,
+    WindowArg,
+    frame_functional_groups,
+    grey_display,
+    to_uint8_range,
+    voi_attributes,
+)
+from .voi import full_range_uint8 as _full_range
+from .voi import gray_to_rgb as _gray_to_rgb
 from .withheld import withhold_dicom_values
 
 __all__ = ["MedicalImage", "ImageReadError", "read_image", "read_slices", "WINDOW_PRESETS", "MODALITY_WINDOWS",
@@ -33,21 +44,7 @@ __all__ = ["MedicalImage", "ImageReadError", "read_image", "read_slices", "WINDO
 
 log = logging.getLogger(__name__)
 
-# (centre, width) in modality units (Hounsfield for CT).
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "soft_tissue": (40.0, 400.0),
-    "lung": (-600.0, 1500.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-    "liver": (60.0, 160.0),
-    "mediastinum": (50.0, 350.0),
-}
-# Used when a file carries no VOI information; other modalities use their full data range.
-MODALITY_WINDOWS = {"CT": "soft_tissue"}
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-WindowArg = tuple[float, float] | str | None
 
 
 def read_image(source: Any, frame: int | None = None, window: WindowArg = None,
@@ -75,7 +72,7 @@ def read_slices(source: Any, frames: list[int] | None = None, window: WindowArg 
         return _array_slices(source, frames, middle_only)
     if isinstance(source, Dataset):
         if is_slide(source):
-            return [read_slide(source, slide)]
+            return [read_slide(source, slide, window=window)]
         return _dicom_slices(source, "DICOM dataset", frames, window, middle_only)
     if isinstance(source, (str, Path)):
         return _path_slices(Path(source), frames, window, series_uid, middle_only, slide)
@@ -92,7 +89,7 @@ def _path_slices(path: Path, frames, window, series_uid, middle_only, slide) -> 
         return _nifti_slices(path, frames, window, middle_only)
     if is_dicom_file(path) or name.lower().endswith(".dcm"):
         if is_slide(_read_dicom(path, stop_before_pixels=True)):  # a slide level is never decoded whole
-            return [read_slide(path, slide)]
+            return [read_slide(path, slide, window=window)]
         return _dicom_slices(_read_dicom(path), name, frames, window, middle_only)
     try:
         with Image.open(path) as img:
@@ -139,26 +136,6 @@ def read_key_slices(source: Any, count: int, window: WindowArg = None, series_ui
 
 # ----------------------------------------------------------------------------------------------------------
 # 8-bit conversion
-
-
-def to_uint8_range(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map [low, high] linearly onto [0, 255]; a constant image becomes 0."""
-    values = values.astype(np.float64, copy=False)
-    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def _full_range(values: np.ndarray) -> np.ndarray:
-    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
-    if finite.size == 0:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return to_uint8_range(np.nan_to_num(values.astype(np.float64)), float(finite.min()), float(finite.max()))
-
-
-def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
-    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
@@ -248,94 +225,6 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
         raise ImageReadError(f"{name}: cannot decode pixel data{hint}: {err}") from None
 
 
-def frame_functional_groups(ds: Dataset, frame: int) -> Dataset:
-    """One frame's functional group macros of an enhanced multi-frame object, flattened: the attributes of
-    each macro's item (Plane Position, Pixel Measures, Pixel Value Transformation, ...), per-frame values
-    overriding shared ones. Empty for objects without functional groups."""
-    out = Dataset()
-    groups = []
-    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
-        groups.append(ds.SharedFunctionalGroupsSequence[0])
-    if "PerFrameFunctionalGroupsSequence" in ds and 0 <= frame < len(ds.PerFrameFunctionalGroupsSequence):
-        groups.append(ds.PerFrameFunctionalGroupsSequence[frame])
-    for group in groups:
-        for macro in group:
-            if macro.VR == "SQ" and len(macro.value):
-                for element in macro.value[0]:
-                    out.add(element)
-    return out
-
-
-_FRAME_VALUE_KEYWORDS = ("RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
-                         "VOILUTFunction")
-
-
-def _frame_attributes(ds: Dataset, frame: int) -> Dataset:
-    """A small dataset holding what the Modality LUT and VOI steps need for one frame, including the
-    values an enhanced multi-frame object keeps in its shared or per-frame functional groups."""
-    out = Dataset()
-    for kw in ("PhotometricInterpretation", "BitsStored", "BitsAllocated", "PixelRepresentation", "RescaleSlope",
-               "RescaleIntercept", "RescaleType", "ModalityLUTSequence", "WindowCenter", "WindowWidth",
-               "VOILUTFunction", "VOILUTSequence", "Modality"):
-        if kw in ds:
-            setattr(out, kw, ds[kw].value)
-    groups = frame_functional_groups(ds, frame)
-    for kw in _FRAME_VALUE_KEYWORDS:
-        if kw in groups:
-            setattr(out, kw, groups[kw].value)
-    return out
-
-
-def _first(value) -> float:
-    return float(value[0]) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else float(value)
-
-
-def _window_dataset(centre: float, width: float, function: str = "LINEAR") -> Dataset:
-    """VOI attributes on an 8-bit unsigned output range, so pydicom's windowing yields 0..255 directly."""
-    voi = Dataset()
-    voi.PhotometricInterpretation = "MONOCHROME2"
-    voi.BitsStored = 8
-    voi.PixelRepresentation = 0
-    voi.WindowCenter = centre
-    voi.WindowWidth = max(width, 1.0)
-    voi.VOILUTFunction = function
-    return voi
-
-
-def _apply_window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    return np.rint(apply_voi_lut(values, _window_dataset(centre, width, function))).astype(np.uint8)
-
-
-def _gray_dicom_to_uint8(frame: np.ndarray, attrs: Dataset, window: WindowArg,
-                         modality: str | None) -> tuple[np.ndarray, tuple[float, float] | None, tuple | None]:
-    """8-bit display values, the (centre, width) used if any, and the modality-value range shown."""
-    values = apply_modality_lut(frame, attrs) if ("RescaleSlope" in attrs or "ModalityLUTSequence" in attrs) \
-        else frame.astype(np.float64)
-    if isinstance(window, str):
-        if window not in WINDOW_PRESETS:
-            raise ImageReadError(f"unknown window preset {window!r}; choose from {sorted(WINDOW_PRESETS)}")
-        window = WINDOW_PRESETS[window]
-    def windowed(centre, width, function="LINEAR"):
-        edges = (centre - width / 2, centre + width / 2) if function != "SIGMOID" else None
-        return _apply_window(values, centre, width, function), (centre, width), edges
-
-    if window is not None:
-        return windowed(float(window[0]), float(window[1]))
-    if "VOILUTSequence" in attrs and len(attrs.VOILUTSequence):
-        out = apply_voi_lut(frame, attrs)  # a LUT indexes stored values
-        bits = int(attrs.VOILUTSequence[0].LUTDescriptor[2])
-        return to_uint8_range(out, 0, 2**bits - 1), None, None
-    if "WindowCenter" in attrs and "WindowWidth" in attrs:
-        function = str(attrs.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        return windowed(_first(attrs.WindowCenter), _first(attrs.WindowWidth), function)
-    preset = MODALITY_WINDOWS.get(modality or "")
-    if preset is not None:
-        return windowed(*WINDOW_PRESETS[preset])
-    finite = values[np.isfinite(values)]
-    span = (float(finite.min()), float(finite.max())) if finite.size else None
-    return _full_range(values), None, span
-
-
 def _colour_to_uint8(frame: np.ndarray, bits: int) -> np.ndarray:
     if frame.dtype == np.uint8:
         return frame
@@ -363,8 +252,8 @@ def _dicom_slices(ds: Dataset, name: str, frames, window: WindowArg, middle_only
         if samples == 3:
             pixels = _colour_to_uint8(frame, colour_bits)
         elif photometric in ("MONOCHROME1", "MONOCHROME2"):
-            gray, used, span = _gray_dicom_to_uint8(frame, _frame_attributes(ds, index), window, modality)
-            pixels = _gray_to_rgb(255 - gray if photometric == "MONOCHROME1" else gray)
+            gray, used, span = grey_display(frame, voi_attributes(ds, index), window, modality)
+            pixels = _gray_to_rgb(gray)
         else:
             raise ImageReadError(f"{name}: unsupported photometric interpretation {photometric}")
         geometry = {}
@@ -403,7 +292,7 @@ def _series_slices(folder: Path, frames, window, series_uid, middle_only,
     if uid not in series:
         raise ImageReadError(f"{folder}: no series {uid}")
     if any(is_slide(header) for _, header in series[uid]):
-        return [slide_from_headers(series[uid], folder.name, slide)]
+        return [slide_from_headers(series[uid], folder.name, slide, window)]
     items = sorted(series[uid], key=lambda item: _slice_sort_key(item[1]))
     if len(items) == 1:
         path = items[0][0]

@@ -4,8 +4,10 @@ A slide is a series: VOLUME instances are the pyramid levels (tiled multi-frame 
 THUMBNAIL, LABEL and OVERVIEW instances are other pictures of it. Only VOLUME instances are read as levels (a
 THUMBNAIL only when it is all that was given); LABEL and OVERVIEW photograph the slide label, patient identity
 burned in, and are refused. Only the tiles meeting the region are decoded, one frame at a time from disk.
-What is taken from several optical paths / focal planes, what fills missing sparse tiles and why ICC profiles are
-not applied: docs/medical-io.md, "Whole-slide images".
+Grey (MONOCHROME1/2, 8- or 16-bit) regions are assembled from their stored values first, then mapped to 8 bits
+once for the whole region by ``voi.py``, as every other grey image is. What is taken from several optical paths /
+focal planes, what fills missing sparse tiles and why ICC profiles are not applied: docs/medical-io.md,
+"Whole-slide images".
 """
 
 from __future__ import annotations
@@ -23,15 +25,21 @@ from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 
 from .dicom_files import SLIDE_PHOTO_KINDS, dicom_image_headers, read_dicom, slide_image_kind
 from .medical_image import MAX_DECLARED_BYTES, ImageReadError, MedicalImage
+from .voi import WindowArg, gray_to_rgb, grey_display, voi_attributes
 from .withheld import withhold_dicom_values
 
 __all__ = ["VL_WSI_STORAGE", "is_slide", "SlideSelection", "SlideRegion", "read_slide", "slide_from_headers",
-           "BACKGROUND"]
+           "BACKGROUND", "DARK_BACKGROUND"]
 
 log = logging.getLogger(__name__)
 
 VL_WSI_STORAGE = VLWholeSlideMicroscopyImageStorage
-BACKGROUND = 255  # what a sparse level's missing tiles show: white, the glass of a brightfield slide
+# What a sparse level's missing tiles show (docs/medical-io.md "Whole-slide images"): white, the glass of a
+# brightfield slide, or dark, the glass of a fluorescence slide that emits no light.
+BACKGROUND = 255
+DARK_BACKGROUND = 0
+# Illumination Type codes (DCM) of light passing through the glass to the camera: transmission, brightfield.
+_LIGHT_THROUGH_GLASS = ("111741", "111744")
 
 
 def is_slide(ds: Dataset) -> bool:
@@ -101,12 +109,15 @@ class _Level:
 
 
 def read_slide(source: Path | Dataset, selection: SlideSelection | None = None,
-               series_uid: str | None = None) -> MedicalImage:
+               series_uid: str | None = None, window: WindowArg = None) -> MedicalImage:
     """A region of a slide as one RGB image, from a series folder (``series_uid`` picks the series when the folder
-    holds several), one instance file (a one-level slide) or a pydicom ``Dataset``."""
+    holds several), one instance file (a one-level slide) or a pydicom ``Dataset``. ``window`` (centre, width)
+    or a preset name, in modality units, maps a grey slide's values instead of the file's window or the
+    region's range; colour slides ignore it."""
     withhold_dicom_values()
     if isinstance(source, Dataset):
-        return _read(_levels([(source, source)], "DICOM dataset", explicit=True), "DICOM dataset", selection)
+        return _read(_levels([(source, source)], "DICOM dataset", explicit=True), "DICOM dataset", selection,
+                     window)
     path = Path(source)
     if path.is_dir():
         series: dict[str, list[tuple[Path, Dataset]]] = {}
@@ -118,19 +129,20 @@ def read_slide(source: Path | Dataset, selection: SlideSelection | None = None,
         items = series.get(series_uid if series_uid is not None else next(iter(series), ""))
         if not items:
             raise ImageReadError(f"{path.name}: no {'series ' + series_uid if series_uid else 'DICOM images'}")
-        return slide_from_headers(items, path.name, selection)
+        return slide_from_headers(items, path.name, selection, window)
     if not path.is_file():
         raise ImageReadError(f"{path.name}: no such file or folder")
     return _read(_levels([(path, read_dicom(path, stop_before_pixels=True))], path.name, explicit=True),
-                 path.name, selection)
+                 path.name, selection, window)
 
 
 def slide_from_headers(items: list[tuple[Path | Dataset, Dataset]], name: str,
-                       selection: SlideSelection | None = None) -> MedicalImage:
+                       selection: SlideSelection | None = None, window: WindowArg = None) -> MedicalImage:
     """A region of the slide made of these instances of one series: (file, its header without pixels) pairs, or
-    (dataset, dataset) for datasets already in memory; instances other than VOLUME are passed over."""
+    (dataset, dataset) for datasets already in memory; instances other than VOLUME are passed over. ``window``:
+    as for ``read_slide``."""
     withhold_dicom_values()
-    return _read(_levels(items, name, explicit=False), name, selection)
+    return _read(_levels(items, name, explicit=False), name, selection, window)
 
 
 def _levels(items: list[tuple[Path | Dataset, Dataset]], name: str, explicit: bool) -> list[_Level]:
@@ -317,9 +329,11 @@ def _tile_frames(level: _Level, r0: int, c0: int, rows: int, cols: int) -> Itera
             for tc in range(c0 // tw, (c0 + cols - 1) // tw + 1)]
 
 
-def _assemble(level: _Level, r0: int, c0: int, rows: int, cols: int, name: str) -> np.ndarray:
-    """The level's pixels rows r0..r0+rows, columns c0..c0+cols; missing tiles are ``BACKGROUND``."""
-    out = np.full((rows, cols, 3), BACKGROUND, np.uint8)
+def _assemble(level: _Level, r0: int, c0: int, rows: int, cols: int,
+              name: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """The level's stored values at rows r0..r0+rows, columns c0..c0+cols as decoded (RGB for colour tiles),
+    and which of those pixels a tile covers (a sparse level's missing tiles do not); None when no tile does."""
+    out, covered = None, np.zeros((rows, cols), bool)
     wanted: dict[int, list[tuple[int, int, int]]] = {}
     for tile_row, tile_col, frame in _tile_frames(level, r0, c0, rows, cols):
         part = next((k for k, p in enumerate(level.parts) if p.offset <= frame < p.offset + p.frames), None)
@@ -331,21 +345,51 @@ def _assemble(level: _Level, r0: int, c0: int, rows: int, cols: int, name: str) 
         try:
             decoded = decode_frames(level.parts[k].source, [local for local, _, _ in tiles])
             for (_, tile_row, tile_col), tile in zip(tiles, decoded):
-                _place(out, _rgb(tile, name), tile_row - r0, tile_col - c0)
+                if out is None:
+                    out = np.zeros((rows, cols, *tile.shape[2:]), tile.dtype)
+                _place(out, tile, tile_row - r0, tile_col - c0)
+                _place(covered, np.ones(tile.shape[:2], bool), tile_row - r0, tile_col - c0)
         except ImageReadError:
             raise
         except Exception as err:  # codecs raise many types
             raise ImageReadError(f"{name}: cannot decode slide tiles ({type(err).__name__}: {err}); install "
                                  "unimedvl-core[dicom-codecs] for its decoder") from None
-    return out
+    return out, covered
 
 
-def _rgb(tile: np.ndarray, name: str) -> np.ndarray:
-    if tile.dtype != np.uint8:
-        raise ImageReadError(f"{name}: slide tiles of {tile.dtype} are not supported (8-bit only)")
-    if tile.ndim == 2:
-        return np.repeat(tile[..., None], 3, axis=-1)
-    return tile[..., :3]
+def _background(header: Dataset) -> int:
+    """What pixels no tile covers show: the glass, white where light passes through it (colour, or grey with
+    transmitted or brightfield illumination), dark where the slide emits the light (fluorescence, darkfield)."""
+    if int(header.get("SamplesPerPixel", 1) or 1) > 1:
+        return BACKGROUND
+    paths = header.get("OpticalPathSequence") or [Dataset()]
+    illumination = paths[0].get("IlluminationTypeCodeSequence") or [Dataset()]
+    return BACKGROUND if str(illumination[0].get("CodeValue", "")) in _LIGHT_THROUGH_GLASS else DARK_BACKGROUND
+
+
+def _display(raw: np.ndarray | None, covered: np.ndarray, header: Dataset, window: WindowArg,
+             name: str) -> tuple[np.ndarray, tuple[float, float] | None, tuple | None]:
+    """8-bit RGB of the region, the window used and the modality-value range shown. Grey values are mapped
+    all at once (one mapping for every tile), from the pixels tiles cover only, as ``voi.py`` maps any grey
+    image: the caller's window, else the level's own (shared, not per-frame, values), else their full range."""
+    background = _background(header)
+    if raw is None:
+        return np.full((*covered.shape, 3), background, np.uint8), None, None
+    everywhere = bool(covered.all())
+    if raw.ndim == 3:
+        if raw.dtype != np.uint8:
+            raise ImageReadError(f"{name}: colour slide tiles of {raw.dtype} are not supported (8-bit only)")
+        rgb = raw[..., :3]
+        return (rgb if everywhere else np.where(covered[..., None], rgb, np.uint8(background))), None, None
+    photometric = str(header.get("PhotometricInterpretation", "")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageReadError(f"{name}: unsupported photometric interpretation {photometric} of grey slide tiles")
+    gray, used, span = grey_display(raw if everywhere else raw[covered], voi_attributes(header, None), window, "SM")
+    if everywhere:
+        return gray_to_rgb(gray), used, span
+    out = np.full((*covered.shape, 3), background, np.uint8)
+    out[covered] = gray[:, None]
+    return out, used, span
 
 
 def _place(out: np.ndarray, tile: np.ndarray, top: int, left: int) -> None:
@@ -356,14 +400,14 @@ def _place(out: np.ndarray, tile: np.ndarray, top: int, left: int) -> None:
         out[r0:r1, c0:c1] = tile[r0 - top:r1 - top, c0 - left:c1 - left]
 
 
-def _read(levels: list[_Level], name: str, selection: SlideSelection | None) -> MedicalImage:
+def _read(levels: list[_Level], name: str, selection: SlideSelection | None, window: WindowArg) -> MedicalImage:
     selection = selection or SlideSelection()
     box = _level0_box(levels, selection.region, name)
     chosen = _choose_level(levels, box, selection, name)
     level = levels[chosen]
     row, column, rows, cols = _at_level(level, levels[0], box)
-    pixels = _assemble(level, row, column, rows, cols, name)
+    raw, covered = _assemble(level, row, column, rows, cols, name)
+    pixels, used, span = _display(raw, covered, level.header, window, name)
     where = SlideRegion(chosen, row, column, rows, cols, level.spacing, len(levels))
-    return MedicalImage(pixels, name, dataset=level.header, modality="SM", frame=None, num_frames=1,
-                        geometry={"slide_region": where, "pixel_spacing": level.spacing})
-
+    return MedicalImage(pixels, name, dataset=level.header, modality="SM", frame=None, num_frames=1, window=used,
+                        value_range=span, geometry={"slide_region": where, "pixel_spacing": level.spacing})

@@ -5,17 +5,20 @@ placed back over that region on the same slide, labelled synthetic like every ou
 One VOLUME level, TILED_FULL, 256 x 256 tiles (edge tiles padded with white glass), uncompressed RGB: the
 output is synthetic and small, and a second lossy step would add artefacts to what the model made. Same
 slide as the source level: Frame of Reference, container and specimen, the optical path (with its ICC
-profile) and Image Orientation (Slide) are copied from its header; the Total Pixel Matrix Origin is the
-slide position of the region's top-left pixel, and Pixel Spacing is the region's physical size over the
-output's pixels, so a 4x super-resolution output covers the same area with a quarter of the spacing.
+profile, or the sRGB one when a grey source's path has none) and Image Orientation (Slide) are copied from its
+header; the Total Pixel Matrix Origin is the slide position of the region's top-left pixel, and Pixel Spacing
+is the region's physical size over the output's pixels, so a 4x super-resolution output covers the same area
+with a quarter of the spacing.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
+import functools
 
 import numpy as np
+from PIL import ImageCms
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import VLWholeSlideMicroscopyImageStorage, generate_uid
@@ -112,14 +115,22 @@ def _copy_same_slide(ds: Dataset, ref: Dataset) -> None:
         ds.AcquisitionDateTime = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
 
 
+@functools.cache
+def _srgb_profile() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
 def _optical_path(ds: Dataset, ref: Dataset) -> str:
     """The source's optical path the pixels were read through (its shared identification, else the first);
-    returns its identifier."""
+    returns its identifier. A path without an ICC profile (a grey source, e.g. fluorescence) gets the sRGB
+    one: the output's pixels are RGB, which the Optical Path module requires a profile for."""
     items = list(ref.OpticalPathSequence)
     shared = (ref.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
     wanted = (shared.get("OpticalPathIdentificationSequence") or [Dataset()])[0].get("OpticalPathIdentifier")
-    item = next((i for i in items if i.get("OpticalPathIdentifier") == wanted), items[0])
-    ds.OpticalPathSequence = DicomSequence([copy.deepcopy(item)])
+    item = copy.deepcopy(next((i for i in items if i.get("OpticalPathIdentifier") == wanted), items[0]))
+    if not item.get("ICCProfile"):
+        item.ICCProfile = _srgb_profile()
+    ds.OpticalPathSequence = DicomSequence([item])
     ds.NumberOfOpticalPaths = 1
     return str(item.OpticalPathIdentifier)
 

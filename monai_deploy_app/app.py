@@ -84,6 +84,7 @@ class UniMedVLApp(Application):
         selector = DICOMSeriesSelectorOperator(self, rules=json.dumps(config.series_selection), all_matched=True,
                                                name="series_selector")
         slicer = SliceSelectionOperator(self, mode=mode, start=start, stop=stop, window=config.window,
+                                        slide_region=config.slide_region, slide_level=config.slide_level,
                                         outcome=outcome, name="slice_selector")
         tasks = UniMedVLTaskOperator(self, config=config, model=self.model, outcome=outcome, name="unimedvl_tasks")
         writer = UniMedVLWriterOperator(self, output_folder=pre.output_folder, model_getter=lambda: self.model,

@@ -25,6 +25,7 @@ from ..modeling.config import UniMedVLConfig
 from ..tasks.catalog import TASKS
 from ..tasks.params import TaskParameterError
 from ..tasks.registry import ModelLimits, Task
+from ..tasks.slides import slide_selection
 from .actor import TaskActor
 from .fingerprint import model_identity, row_keys
 from .reading import read_step
@@ -80,7 +81,8 @@ def _dataset(rows: list[Row], task: str, ckpt, load_options: dict, output: Path,
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // s.batch_size)))
     # reading declares its memory, so its remote arguments differ from the actors' and Ray keeps it in its
     # own CPU tasks instead of fusing it into the model actors
-    ds = ds.map(read_step, fn_kwargs={"window": window}, num_cpus=s.read_cpus, memory=READ_MEMORY)
+    slide = slide_selection(TASKS.get(task, warn=False))
+    ds = ds.map(read_step, fn_kwargs={"window": window, "slide": slide}, num_cpus=s.read_cpus, memory=READ_MEMORY)
     options = dict(load_options)
     if s.actor_gpus and "device" not in options:
         options["device"] = "cuda"

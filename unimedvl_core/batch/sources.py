@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io.dicom_files import slide_image_kind
 from ..io.medical_io import dicom_image_headers, is_dicom_file
 from ..io.synthetic import is_own_output
 from ..tasks.registry import Task
@@ -214,7 +215,10 @@ def _folder_entries(root: Path, count: bool) -> Iterator[tuple[str, str, str | N
     for (folder, uid), headers in sorted(series.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         several = sum(1 for f, _ in series if f == folder) > 1
         name = str(folder.relative_to(root)) if folder != root else "."
-        total = len(headers) if len(headers) > 1 else _slice_count(folder, headers[0])
+        if slide_image_kind(headers[0]) is not None:  # a whole slide is one image, not slices
+            total = 1
+        else:
+            total = len(headers) if len(headers) > 1 else _slice_count(folder, headers[0])
         yield (f"{name}#{uid}" if several else name), str(folder), uid, total, None
 
 

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import iter_pixels
 from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 
+from ..modeling.preprocessing import MAX_INPUT_PIXELS
 from .dicom_files import SLIDE_PHOTO_KINDS, dicom_image_headers, read_dicom, slide_image_kind
 from .medical_image import MAX_DECLARED_BYTES, ImageReadError, MedicalImage
 from .voi import WindowArg, gray_to_rgb, grey_display, voi_attributes
@@ -63,7 +64,7 @@ class SlideSelection:
     region: tuple[int, int, int, int] | None = None
     level: int | None = None
     min_side: int | None = None
-    max_pixels: int = 8192 * 8192
+    max_pixels: int = MAX_INPUT_PIXELS  # the model's own input limit
 
 
 @dataclass(frozen=True)

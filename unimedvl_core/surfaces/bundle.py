@@ -28,9 +28,11 @@ from ..io.medical_io import (
 )
 from ..io.outputs import write_image_outputs, write_nifti_slice, write_nifti_volume
 from ..io.paths import check_output_location
+from ..io.slide import SlideSelection
 from ..io.synthetic import is_own_output
 from ..tasks.catalog import TASKS
 from ..tasks.registry import Applicability, RunOptions
+from ..tasks.slides import parse_region, slide_selection
 
 __all__ = ["Checkpoint", "resolve_checkpoint", "brief_errors", "load_network", "list_inputs", "task_items",
            "series_key_slices",
@@ -188,6 +190,14 @@ def series_key_slices(task: str, params: dict | None = None) -> int | None:
     return resolved["key_slices"] if resolved["series_report"] else None
 
 
+def slide_selection_of(task: str, region: Sequence[int] | str | None = None,
+                       level: int | None = None) -> SlideSelection:
+    """How the task reads a whole slide (``tasks.slides``): ``region`` x, y, width, height in level-0 pixels
+    (None: the whole slide), ``level`` 0 = finest (None: the task's level rule)."""
+    spec = TASKS.get(task, warn=False)
+    return slide_selection(spec, None if region is None else parse_region(region), level)
+
+
 class LoadMedicalSlices(Transform):
     """Path / image -> list of display-ready ``MedicalImage`` slices (``unimedvl_core.io.medical_io``).
 
@@ -196,29 +206,31 @@ class LoadMedicalSlices(Transform):
         window: (centre, width) or a preset name; None uses the file's own or the modality's.
         key_slices: for a series report: one entry, the list of that many key slices spread over the volume
             (over the slices of an index or range), chosen as the command line chooses them.
+        slide: how a whole slide is read (``slide_selection_of``); None: its finest level within the limits.
     """
 
     def __init__(self, slices: str | int | Sequence[int] = "middle", window: Any = None,
-                 key_slices: int | None = None):
-        self.slices, self.window, self.key_slices = slices, window, key_slices
+                 key_slices: int | None = None, slide: SlideSelection | None = None):
+        self.slices, self.window, self.key_slices, self.slide = slices, window, key_slices, slide
 
     def __call__(self, source, series_uid: str | None = None):
         frames = None
         if self.slices not in ("middle", "all"):
             frames = [int(self.slices)] if isinstance(self.slices, (int, str)) else list(range(*self.slices))
         if self.key_slices is not None:
-            return [read_key_slices(source, self.key_slices, self.window, series_uid, frames=frames)]
+            return [read_key_slices(source, self.key_slices, self.window, series_uid, frames=frames,
+                                    slide=self.slide)]
         return read_slices(source, frames=frames, window=self.window, series_uid=series_uid,
-                           middle_only=self.slices == "middle")
+                           middle_only=self.slices == "middle", slide=self.slide)
 
 
 class LoadMedicalSlicesd(MapTransform):
     """Dictionary version: reads ``d[key]`` (with ``d["series_uid"]`` when given) into ``d["slices"]``."""
 
     def __init__(self, keys="image", slices="middle", window=None, allow_missing_keys: bool = True,
-                 key_slices: int | None = None):
+                 key_slices: int | None = None, slide: SlideSelection | None = None):
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadMedicalSlices(slices, window, key_slices)
+        self.loader = LoadMedicalSlices(slices, window, key_slices, slide)
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)

@@ -22,6 +22,7 @@ from ..io.paths import check_output_location
 from ..tasks.catalog import TASKS
 from ..tasks.params import Param, TaskParameterError
 from ..tasks.registry import ModelLimits, RunOptions, Task, TaskResult, canonical_name
+from ..tasks.slides import parse_region, slide_region_record, slide_selection
 
 __all__ = ["add_task_commands", "check_task_command", "run_task_command", "add_model_args", "HelpFormatter"]
 
@@ -93,6 +94,17 @@ def parse_window(text: str) -> tuple[float, float] | str:
 parse_window.__name__ = "window"
 
 
+def parse_slide_region(text: str) -> tuple[int, int, int, int]:
+    """``--region``: X,Y,WIDTH,HEIGHT of a whole slide, in level-0 pixels."""
+    try:
+        return parse_region(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+parse_slide_region.__name__ = "region"
+
+
 def _add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, metavar="PATH", help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI")
     p.add_argument("--slices", type=parse_slices, default="middle", metavar="SEL",
@@ -101,6 +113,11 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
                    help="CENTRE,WIDTH or a preset (soft_tissue, lung, bone, brain, liver, mediastinum) "
                         "(default: the file's window, else a modality preset, else the full range)")
     p.add_argument("--series-uid", default=None, help="series to read when a folder holds several")
+    p.add_argument("--region", type=parse_slide_region, default=None, metavar="X,Y,W,H",
+                   help="whole-slide images: the part to read, in level-0 pixels (default: the whole slide)")
+    p.add_argument("--level", type=int, default=None, metavar="N",
+                   help="whole-slide images: pyramid level, 0 = finest (default: the task's rule, "
+                        "docs/medical-io.md#whole-slide-images)")
 
 
 def _option_type(param: Param):
@@ -198,13 +215,27 @@ def json_path(args, task: Task) -> Path:
 
 
 def read_inputs(args, task: Task) -> list:
-    """The slices to run on: one per selected slice, or one list of key slices for a series report."""
+    """The slices to run on: one per selected slice, or one list of key slices for a series report; a whole
+    slide gives the one image its selection reads."""
     window, sel = args.window, args.slices
     frames = None if sel in ("middle", "all") else sel
+    slide = slide_selection(task, args.region, args.level)
     if getattr(args, "series_report", False):  # over the whole volume unless --slices narrows it
-        return [read_key_slices(args.image, args.key_slices, window, args.series_uid, frames=frames)]
-    return read_slices(args.image, frames=frames, window=window, series_uid=args.series_uid,
-                       middle_only=sel == "middle")
+        inputs = [read_key_slices(args.image, args.key_slices, window, args.series_uid, frames=frames, slide=slide)]
+    else:
+        inputs = read_slices(args.image, frames=frames, window=window, series_uid=args.series_uid,
+                             middle_only=sel == "middle", slide=slide)
+    _check_slide_options(args, inputs)
+    return inputs
+
+
+def _check_slide_options(args, inputs: list) -> None:
+    """--region and --level select part of a whole slide; on any other image they would be silently ignored."""
+    if args.region is None and args.level is None:
+        return
+    first = inputs[0][0] if isinstance(inputs[0], list) else inputs[0]
+    if "slide_region" not in first.geometry:
+        raise ValueError(f"{first.source}: --region and --level apply to whole-slide images (DICOM VL WSI) only")
 
 
 def _planned_outputs(args, task: Task) -> list[Path]:
@@ -236,7 +267,7 @@ def _write_image(result: TaskResult, src, out: Path, series_uid: str, instance: 
 def _where(src) -> dict:
     if isinstance(src, list):  # the key slices of a series report
         return {"source": src[0].source, "slices": [s.frame for s in src]}
-    return {"source": getattr(src, "source", None), "slice": getattr(src, "frame", None)}
+    return {"source": getattr(src, "source", None), "slice": getattr(src, "frame", None), **slide_region_record(src)}
 
 
 def _report(task: Task, src, result: TaskResult, several: bool, paths: list[str]) -> dict:

@@ -4,6 +4,8 @@ the task registry (``unimedvl tasks`` lists every task, parameter, default and l
     series_selection: {selections: [...]}   # DICOMSeriesSelectorOperator rules; default: supported modalities
     slices: key                              # key | all | {start: 10, stop: 20}
     window: null                             # [centre, width] or a preset name; null = the file's own
+    slide: {region: [x, y, w, h], level: 2}  # whole slides (VL WSI): part and pyramid level to read; default:
+                                             # all of it, at each task's level (docs/medical-io.md#whole-slide-images)
     tasks:                                   # each: a registry task name and any of its parameters
       - {task: vqa, questions: ["Is there a pleural effusion?"]}     # list form: once per question
       - {task: report}                     # series_report: true: one report from key slices of the series
@@ -35,6 +37,7 @@ import yaml
 
 from ...tasks.catalog import TASKS
 from ...tasks.registry import Applicability
+from ...tasks.slides import parse_region
 
 __all__ = ["TaskSpec", "DeployConfig", "load_deploy_config", "parse_task", "DEFAULT_SELECTION"]
 
@@ -44,7 +47,7 @@ DEFAULT_SELECTION = {"selections": [{
     "conditions": {"Modality": "(?i)^(CT|MR|CR|DX|DR|MG|US|XA|RF|PT|NM|SM|OT|XC|ES|GM|OP|IO|PX|RG)$"},
 }]}
 
-SETTINGS = ("tasks", "series_selection", "slices", "window", "device", "allow_demo_model",
+SETTINGS = ("tasks", "series_selection", "slices", "window", "slide", "device", "allow_demo_model",
             "include_synthetic_inputs", "quantization", "residency")
 
 
@@ -119,6 +122,19 @@ def _rules(task: str, data: Any) -> Applicability | None:
         raise ValueError(f"task {task}: {err}") from None
 
 
+def _slide_setting(data) -> tuple[tuple[int, int, int, int] | None, int | None]:
+    """``slide: {region: [x, y, w, h], level: N}`` (both optional) -> (region, level)."""
+    if data is None:
+        return None, None
+    if not isinstance(data, dict) or set(data) - {"region", "level"}:
+        raise ValueError(f"slide must be a mapping with region and/or level, got {data!r}")
+    level = data.get("level")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int) or level < 0):
+        raise ValueError(f"slide.level must be a pyramid level (0 = finest), got {level!r}")
+    region = data.get("region")
+    return (None if region is None else parse_region(region)), level
+
+
 @dataclass
 class DeployConfig:
     tasks: list[TaskSpec]
@@ -130,11 +146,13 @@ class DeployConfig:
     include_synthetic_inputs: bool = False
     quantization: str | None = None
     residency: str = "all"
+    slide: dict | None = None
 
     def __post_init__(self):
         for name in ("allow_demo_model", "include_synthetic_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self.slide_region, self.slide_level = _slide_setting(self.slide)
         if self.quantization not in (None, "int8", "nf4", "fp8") or self.residency not in ("all", "task"):
             raise ValueError(f"quantization must be null, int8, nf4 or fp8 and residency all or task, got "
                              f"{self.quantization!r} and {self.residency!r}")

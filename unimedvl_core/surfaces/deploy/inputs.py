@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pydicom
 
+from ...io.dicom_files import SLIDE_PHOTO_KINDS, slide_image_kind
 from ...io.dicom_output import ALGORITHM_NAME, MANUFACTURER
 from ...io.medical_io import ImageReadError, check_declared_size, is_dicom_file
+from ...io.slide import decode_frames
 
 __all__ = ["InputError", "InputScan", "scan_dicom_folder", "stage_usable_files", "check_folders", "is_own_output"]
 
@@ -139,6 +141,29 @@ def _read_header(path: Path):
         return ds
 
 
+def _pixel_problem(path: Path, header, name: str, sop: str) -> tuple[str, bool] | None:
+    """Why a file's pixels cannot be used, and whether that makes its series incomplete (declared too large,
+    corrupt or truncated: yes; no pixel data at all: no), or None. Decoding
+    here makes a broken file show up before the run; a whole slide's level decodes one tile only, since the
+    reader decodes just the tiles under a region (docs/medical-io.md#whole-slide-images)."""
+    slide = slide_image_kind(header) is not None
+    try:
+        if not slide:
+            check_declared_size(header, name)
+        ds = _with_transfer_syntax(pydicom.dcmread(str(path), force=True, defer_size="1 MB" if slide else None))
+        if "PixelData" not in ds and "FloatPixelData" not in ds:
+            return f"no pixel data ({sop})", False
+        if slide:
+            next(decode_frames(path, [0]))
+        else:
+            _ = ds.pixel_array
+    except ImageReadError as err:
+        return str(err), True
+    except Exception as err:
+        return f"corrupt or truncated pixel data ({type(err).__name__}: {str(err)[:160]})", True
+    return None
+
+
 def _scan_file(path: Path, name: str, scan: InputScan, corrupt: dict[str, str], include_synthetic: bool) -> None:
     """Check one file; a usable image joins its series, anything else is noted with its reason."""
     try:
@@ -158,22 +183,18 @@ def _scan_file(path: Path, name: str, scan: InputScan, corrupt: dict[str, str], 
     if unusable:
         scan.skipped.append((name, unusable))
         return
-    series = str(header.get("SeriesInstanceUID", ""))
-    try:
-        check_declared_size(header, name)
-        ds = _with_transfer_syntax(pydicom.dcmread(str(path), force=True))
-        if "PixelData" not in ds and "FloatPixelData" not in ds:
-            scan.skipped.append((name, f"no pixel data ({sop})"))
-            return
-        _ = ds.pixel_array  # decode now: truncated or undecodable pixel data shows up here
-    except ImageReadError as err:
-        scan.skipped.append((name, str(err)))
-        corrupt.setdefault(series, f"{name}: {err}")
+    kind = slide_image_kind(header)
+    if kind in SLIDE_PHOTO_KINDS:
+        scan.skipped.append((name, f"a slide's {kind.lower()} photograph (may show the label's patient identity), "
+                                   "not read"))
         return
-    except Exception as err:
-        reason = f"corrupt or truncated pixel data ({type(err).__name__}: {str(err)[:160]})"
+    series = str(header.get("SeriesInstanceUID", ""))
+    problem = _pixel_problem(path, header, name, sop)
+    if problem:
+        reason, incomplete = problem
         scan.skipped.append((name, reason))
-        corrupt.setdefault(series, f"{name}: {reason}")
+        if incomplete:
+            corrupt.setdefault(series, f"{name}: {reason}")
         return
     scan.series_files.setdefault(series, []).append(path)
     fixes = _needed_corrections(path, header)

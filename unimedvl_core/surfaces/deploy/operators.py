@@ -32,8 +32,11 @@ from ... import __version__
 from ...io.dicom_output import derived_image, report_sr, write_dicom
 from ...io.medical_io import MedicalImage, _slice_sort_key, read_key_slices, read_slices
 from ...io.outputs import label_with_provenance
+from ...io.slide import is_slide, slide_from_headers
 from ...io.synthetic import save_png
 from ...tasks.catalog import TASKS
+from ...tasks.registry import Task
+from ...tasks.slides import slide_region_record, slide_selection, text_task_selection
 from .config import DeployConfig, TaskSpec
 from .inputs import InputScan, scan_dicom_folder, stage_usable_files
 
@@ -79,6 +82,26 @@ def _reason(err: BaseException) -> str:
 
 
 @dataclass
+class SlideInput:
+    """The whole slide of a selected series (VL WSI instances): each task reads it at its own pyramid level
+    (``tasks.slides``), within the task file's ``slide`` region and level; a reading is kept for the tasks
+    that share its selection."""
+
+    datasets: list = field(repr=False)
+    region: tuple[int, int, int, int] | None = None
+    level: int | None = None
+    _read: dict = field(default_factory=dict, repr=False)
+
+    def image_for(self, task: Task | None) -> MedicalImage:
+        """What ``task`` reads (``None``: what text tasks read, the series' placement image)."""
+        selection = (text_task_selection(self.region, self.level) if task is None
+                     else slide_selection(task, self.region, self.level))
+        if selection not in self._read:
+            self._read[selection] = slide_from_headers([(ds, ds) for ds in self.datasets], "slide series", selection)
+        return self._read[selection]
+
+
+@dataclass
 class SeriesSlices:
     """A selected series: the slices the per-slice tasks run on, and (for series reports) its instances in
     patient order, the window and the slice range, so that key slices can be read over the series."""
@@ -91,6 +114,7 @@ class SeriesSlices:
     datasets: list = field(default_factory=list, repr=False)  # headers hold patient identity: never shown
     window: Any = None
     span: list[int] | None = None  # the slice range asked for; None: the whole series
+    slide: SlideInput | None = None  # a whole slide: image tasks read it at their own level
 
     def key_slices(self, count: int) -> list[MedicalImage]:
         """``count`` key slices spread over the series (over ``span`` when set), chosen by the same code as
@@ -160,11 +184,13 @@ class SliceSelectionOperator(Operator):
     be read is recorded as failed; the others go on."""
 
     def __init__(self, fragment: Fragment, *args, mode: str = "key", start: int | None = None,
-                 stop: int | None = None, window: Any = None, outcome: RunOutcome | None = None, **kwargs):
+                 stop: int | None = None, window: Any = None, slide_region: tuple | None = None,
+                 slide_level: int | None = None, outcome: RunOutcome | None = None, **kwargs):
         if mode not in ("key", "all", "range"):
             raise ValueError(f"slice mode must be key, all or range, got {mode!r}")
         # (start/stop would shadow the operator's own start()/stop() methods)
         self.slice_mode, self.range_start, self.range_stop, self.window = mode, start, stop, window
+        self.slide_region, self.slide_level = slide_region, slide_level
         self.outcome = outcome or RunOutcome()
         super().__init__(fragment, *args, **kwargs)
 
@@ -203,9 +229,12 @@ class SliceSelectionOperator(Operator):
 
     def series_slices(self, uid: str, modality: str, description: str, selection: str,
                       datasets: list) -> SeriesSlices | None:
-        """The slices of one series' instances; None (the series recorded as failed) when none can be read."""
+        """The slices of one series' instances; None (the series recorded as failed) when none can be read.
+        A whole slide gives one image, what text tasks read (docs/medical-io.md#whole-slide-images)."""
+        slide = (SlideInput(datasets, self.slide_region, self.slide_level)
+                 if any(is_slide(ds) for ds in datasets) else None)
         try:
-            slices = self.select(datasets)
+            slices = [slide.image_for(None)] if slide else self.select(datasets)
         except Exception as err:  # an image our reader cannot turn into slices: this series only fails
             self.outcome.failed_series.append({"series_instance_uid": uid, "modality": modality,
                                                "reason": f"could not be read: {_reason(err)}"})
@@ -216,7 +245,7 @@ class SliceSelectionOperator(Operator):
                                                "reason": "no slice in the requested range"})
             return None
         return SeriesSlices(uid, description, modality, selection, slices, sorted(datasets, key=_slice_sort_key),
-                            self.window, self._span(datasets))
+                            self.window, None if slide else self._span(datasets), slide)
 
     @guarded
     def compute(self, op_input, op_output, context):
@@ -278,8 +307,11 @@ class UniMedVLTaskOperator(Operator):
     def run_spec(self, spec: TaskSpec, series: SeriesSlices, results: SeriesResults) -> None:
         """One task-file entry on a series: per selected slice; once (text-only tasks, placed in the study
         by its middle slice); or, for a series report, once on key slices of the series read together."""
-        if not TASKS.get(spec.task, warn=False).needs_image:
+        task = TASKS.get(spec.task, warn=False)
+        if not task.needs_image:
             self.run_task(spec, series.slices[len(series.slices) // 2], 0, results)
+        elif series.slide is not None:
+            self.run_on_slide(spec, task, series.slide, results)
         elif spec.key_slices is not None:
             try:
                 key = series.key_slices(spec.key_slices)
@@ -291,6 +323,15 @@ class UniMedVLTaskOperator(Operator):
         else:
             for k, src in enumerate(series.slices):
                 self.run_task(spec, src, k, results)
+
+    def run_on_slide(self, spec: TaskSpec, task: Task, slide: SlideInput, results: SeriesResults) -> None:
+        """One task-file entry on a whole slide, read at the task's level (a series report reads it too)."""
+        try:
+            image = slide.image_for(task)
+        except Exception as err:  # e.g. the region is too large at every level: this task fails
+            results.record(spec.task, None, None, "failed", f"slide could not be read: {_reason(err)}")
+            return
+        self.run_task(spec, [image] if spec.key_slices is not None else image, 0, results)
 
     def process(self, series_list: list[SeriesSlices]) -> list[SeriesResults]:
         all_results = []
@@ -375,7 +416,8 @@ class UniMedVLWriterOperator(Operator):
         for res in results:
             entry = {"series_instance_uid": res.series.series_uid, "modality": res.series.modality,
                      "selection": res.series.selection, "slices": [s.frame for s in res.series.slices],
-                     "texts": res.texts, "tasks": res.runs, "outputs": []}
+                     **slide_region_record(res.series.slices[0]), "texts": res.texts, "tasks": res.runs,
+                     "outputs": []}
             if res.texts or res.notes():
                 series_number += 1
                 entry["outputs"].append(self._write_sr(out, res, series_number))
@@ -419,7 +461,7 @@ class UniMedVLWriterOperator(Operator):
             png = save_png(image, out / "png" / f"{stem}.png")
             record = {"kind": "image", "task": task, "slice": item["slice"], "file": str(dcm.relative_to(out)),
                       "preview": str(png.relative_to(out)), "sop_class": str(ds.SOPClassUID.name),
-                      "series_instance_uid": series_uid, "synthetic": True}
+                      "series_instance_uid": series_uid, "synthetic": True, **slide_region_record(item["source"])}
             for key in ("explanation", "input"):
                 if item[key] is not None:
                     record[key] = item[key]

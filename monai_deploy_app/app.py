@@ -85,7 +85,7 @@ class UniMedVLApp(Application):
                                                name="series_selector")
         slicer = SliceSelectionOperator(self, mode=mode, start=start, stop=stop, window=config.window,
                                         slide_region=config.slide_region, slide_level=config.slide_level,
-                                        outcome=outcome, name="slice_selector")
+                                        slide_files=pre.scan.slide_files, outcome=outcome, name="slice_selector")
         tasks = UniMedVLTaskOperator(self, config=config, model=self.model, outcome=outcome, name="unimedvl_tasks")
         writer = UniMedVLWriterOperator(self, output_folder=pre.output_folder, model_getter=lambda: self.model,
                                         outcome=outcome, name="dicom_writer")

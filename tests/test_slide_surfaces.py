@@ -17,6 +17,8 @@ from unimedvl_core.batch.reading import load_images
 from unimedvl_core.batch.sources import read_source
 from unimedvl_core.surfaces.bundle import LoadMedicalSlices, slide_selection_of
 from unimedvl_core.surfaces.cli import main
+from unimedvl_core.surfaces.deploy.inputs import scan_dicom_folder, stage_usable_files
+from unimedvl_core.surfaces.deploy.operators import SlideInput
 from unimedvl_core.tasks.catalog import TASKS
 from unimedvl_core.tasks.slides import slide_selection
 
@@ -102,3 +104,40 @@ def test_batch_folder_source_gives_one_row_per_slide_read_at_the_tasks_level(sli
     (row,) = read_source(slide.folder, vqa, slices="all")  # levels and label are not slices
     (image,) = load_images(row, slide=slide_selection(vqa))
     assert image.geometry["slide_region"].level == 2
+
+
+def test_map_stages_slides_as_headers_and_reads_their_files(tmp_path):
+    """The SDK's loader reads every staged file whole: a slide's levels go to it as headers only, and the
+    slide is read tile by tile from the scanned files."""
+    truth = build_slide(tmp_path / "in" / "slide", encoding="raw")
+    scan = scan_dicom_folder(tmp_path / "in")
+    staged = stage_usable_files(scan, tmp_path / "staged")
+    files = sorted(staged.glob("*.dcm"))
+    assert len(files) == len(scan.slide_files) == len(truth.volume_files) + 1  # the levels and the thumbnail
+    for path in files:
+        header = pydicom.dcmread(path)
+        original = scan.slide_files[header.SOPInstanceUID]
+        assert "PixelData" not in header and "PixelData" in pydicom.dcmread(original)
+        assert path.stat().st_size < original.stat().st_size
+
+
+def test_map_rejects_a_slide_with_a_broken_level_and_windows_grey_slides(tmp_path):
+    inp = tmp_path / "in"
+    broken = build_slide(inp / "broken", encoding="raw")
+    level0 = broken.volume_files[0][0]
+    level0.write_bytes(level0.read_bytes()[: level0.stat().st_size * 6 // 10])  # truncated: the pyramid would shift
+    grey = build_slide(inp / "grey", photometric="MONOCHROME2", bits=16, encoding="raw", extras=False)
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({"max_new_tokens": 2, "window": [3000, 2000],
+                                     "tasks": [{"task": "vqa", "questions": ["Is there tumour?"]}]}))
+    result = run_app(inp, tmp_path / "out", tasks)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    rejected = {r["series_instance_uid"]: r["reason"] for r in summary["input"]["rejected_series"]}
+    assert broken.series_uid in rejected and "truncated" in rejected[broken.series_uid]
+    (entry,) = summary["series"]
+    assert entry["series_instance_uid"] == grey.series_uid and entry["tasks"][0]["status"] == "done"
+    sr = pydicom.dcmread(tmp_path / "out" / entry["outputs"][0]["file"])
+    assert sr.SOPClassUID.name.endswith("SR Storage")
+    headers = [(path, pydicom.dcmread(path, stop_before_pixels=True)) for path in sorted(grey.folder.glob("*.dcm"))]
+    assert SlideInput(headers, window=(3000, 2000)).image_for(None).window == (3000.0, 2000.0)  # the task file's

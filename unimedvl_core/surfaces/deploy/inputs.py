@@ -51,6 +51,9 @@ class InputScan:
     series_files: dict[str, list[Path]] = field(default_factory=dict)
     corrections: dict[Path, list[str]] = field(default_factory=dict)   # file -> header fixes made when staging
     root: Path | None = None
+    # whole-slide instances: SOP Instance UID -> file. They are staged as headers only (a level can be GBs) and
+    # read from here, tile by tile (docs/medical-io.md#whole-slide-images)
+    slide_files: dict[str, Path] = field(default_factory=dict)
 
     def summary(self) -> dict:
         def name(path: Path) -> str:
@@ -143,20 +146,24 @@ def _read_header(path: Path):
 
 def _pixel_problem(path: Path, header, name: str, sop: str) -> tuple[str, bool] | None:
     """Why a file's pixels cannot be used, and whether that makes its series incomplete (declared too large,
-    corrupt or truncated: yes; no pixel data at all: no), or None. Decoding
-    here makes a broken file show up before the run; a whole slide's level decodes one tile only, since the
-    reader decodes just the tiles under a region (docs/medical-io.md#whole-slide-images)."""
-    slide = slide_image_kind(header) is not None
+    corrupt or truncated: yes; no pixel data at all: no), or None. Decoding here makes a broken file show up
+    before the run. A whole slide's level is checked by its first and last tiles only (the reader decodes just
+    the tiles under a region), and any problem with it makes the slide incomplete: without a level the pyramid
+    would shift and a region in level-0 pixels would point at other tissue."""
+    if slide_image_kind(header) is not None:
+        try:
+            last = max(int(header.get("NumberOfFrames", 1) or 1) - 1, 0)
+            for _ in decode_frames(path, sorted({0, last})):
+                pass
+        except Exception as err:
+            return f"corrupt, truncated or missing pixel data ({type(err).__name__}: {str(err)[:160]})", True
+        return None
     try:
-        if not slide:
-            check_declared_size(header, name)
-        ds = _with_transfer_syntax(pydicom.dcmread(str(path), force=True, defer_size="1 MB" if slide else None))
+        check_declared_size(header, name)
+        ds = _with_transfer_syntax(pydicom.dcmread(str(path), force=True))
         if "PixelData" not in ds and "FloatPixelData" not in ds:
             return f"no pixel data ({sop})", False
-        if slide:
-            next(decode_frames(path, [0]))
-        else:
-            _ = ds.pixel_array
+        _ = ds.pixel_array
     except ImageReadError as err:
         return str(err), True
     except Exception as err:
@@ -197,6 +204,8 @@ def _scan_file(path: Path, name: str, scan: InputScan, corrupt: dict[str, str], 
             corrupt.setdefault(series, f"{name}: {reason}")
         return
     scan.series_files.setdefault(series, []).append(path)
+    if slide_image_kind(header) is not None:
+        scan.slide_files[str(header.SOPInstanceUID)] = path
     fixes = _needed_corrections(path, header)
     if fixes:
         scan.corrections[path] = fixes
@@ -229,8 +238,8 @@ def scan_dicom_folder(folder: str | Path, include_synthetic: bool = False) -> In
     return scan
 
 
-def _corrected_copy(path: Path, fixes: list[str], target: Path) -> None:
-    ds = _with_transfer_syntax(pydicom.dcmread(str(path), force=True))
+def _corrected_copy(path: Path, fixes: list[str], target: Path, header_only: bool = False) -> None:
+    ds = _with_transfer_syntax(pydicom.dcmread(str(path), force=True, stop_before_pixels=header_only))
     for key in _LOADER_CONVERTED:
         if key in ds and ds[key].value in (None, "", []):
             del ds[key]
@@ -241,15 +250,17 @@ def _corrected_copy(path: Path, fixes: list[str], target: Path) -> None:
 
 
 def stage_usable_files(scan: InputScan, staging: Path) -> Path:
-    """A folder for the SDK's DICOM loader with the usable files only: links to them, or corrected copies of
-    headers the loader or selector would drop (see ``InputScan.corrections``)."""
+    """A folder for the SDK's DICOM loader with the usable files only: links to them, corrected copies of
+    headers the loader or selector would drop (see ``InputScan.corrections``), and whole-slide instances as
+    headers only (the loader reads whole files into memory; slides are read from ``InputScan.slide_files``)."""
     staging.mkdir(parents=True, exist_ok=True)
+    slide_paths = set(scan.slide_files.values())
     for i, path in enumerate(scan.usable):
         link = staging / f"{i:06d}.dcm"
         if link.exists():
             continue
-        if path in scan.corrections:
-            _corrected_copy(path, scan.corrections[path], link)
+        if path in scan.corrections or path in slide_paths:
+            _corrected_copy(path, scan.corrections.get(path, []), link, header_only=path in slide_paths)
         else:
             link.symlink_to(path.resolve())
     return staging

@@ -87,9 +87,10 @@ class SlideInput:
     (``tasks.slides``), within the task file's ``slide`` region and level; a reading is kept for the tasks
     that share its selection."""
 
-    datasets: list = field(repr=False)
+    items: list = field(repr=False)  # (file or dataset, header) per instance (``slide_from_headers``)
     region: tuple[int, int, int, int] | None = None
     level: int | None = None
+    window: Any = None
     _read: dict = field(default_factory=dict, repr=False)
 
     def image_for(self, task: Task | None) -> MedicalImage:
@@ -97,7 +98,7 @@ class SlideInput:
         selection = (text_task_selection(self.region, self.level) if task is None
                      else slide_selection(task, self.region, self.level))
         if selection not in self._read:
-            self._read[selection] = slide_from_headers([(ds, ds) for ds in self.datasets], "slide series", selection)
+            self._read[selection] = slide_from_headers(self.items, "slide series", selection, window=self.window)
         return self._read[selection]
 
 
@@ -185,12 +186,14 @@ class SliceSelectionOperator(Operator):
 
     def __init__(self, fragment: Fragment, *args, mode: str = "key", start: int | None = None,
                  stop: int | None = None, window: Any = None, slide_region: tuple | None = None,
-                 slide_level: int | None = None, outcome: RunOutcome | None = None, **kwargs):
+                 slide_level: int | None = None, slide_files: dict | None = None, outcome: RunOutcome | None = None,
+                 **kwargs):
         if mode not in ("key", "all", "range"):
             raise ValueError(f"slice mode must be key, all or range, got {mode!r}")
         # (start/stop would shadow the operator's own start()/stop() methods)
         self.slice_mode, self.range_start, self.range_stop, self.window = mode, start, stop, window
         self.slide_region, self.slide_level = slide_region, slide_level
+        self.slide_files = slide_files or {}  # SOP Instance UID -> file: slides are staged as headers only
         self.outcome = outcome or RunOutcome()
         super().__init__(fragment, *args, **kwargs)
 
@@ -227,12 +230,17 @@ class SliceSelectionOperator(Operator):
                                   str(getattr(series, "SeriesDescription", "") or ""), selected_series.selection_name,
                                   [i.get_native_sop_instance() for i in series.get_sop_instances()])
 
+    def _slide_of(self, datasets: list) -> SlideInput:
+        """The slide of these instances, read from the scanned files where known (the loaded datasets of a
+        staged slide are headers only)."""
+        items = [(self.slide_files.get(str(ds.get("SOPInstanceUID", "")), ds), ds) for ds in datasets]
+        return SlideInput(items, self.slide_region, self.slide_level, self.window)
+
     def series_slices(self, uid: str, modality: str, description: str, selection: str,
                       datasets: list) -> SeriesSlices | None:
         """The slices of one series' instances; None (the series recorded as failed) when none can be read.
         A whole slide gives one image, what text tasks read (docs/medical-io.md#whole-slide-images)."""
-        slide = (SlideInput(datasets, self.slide_region, self.slide_level)
-                 if any(is_slide(ds) for ds in datasets) else None)
+        slide = self._slide_of(datasets) if any(is_slide(ds) for ds in datasets) else None
         try:
             slices = [slide.image_for(None)] if slide else self.select(datasets)
         except Exception as err:  # an image our reader cannot turn into slices: this series only fails

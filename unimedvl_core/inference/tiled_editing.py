@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..io.medical_io import read_image
 from ..io.synthetic import label_synthetic
@@ -212,15 +213,19 @@ class AnySizeEditing:
         boxes, blender = job.grid.boxes(), Blender(job.grid)
         chunk = args.batch_size or self.tiles_per_forward
         width, height = job.grid.tile_size
+        several = len(boxes) > chunk  # one bar over the tiles, not one sampling bar per chunk of them
+        bar = tqdm(total=len(boxes), desc="tiles", unit="tile", disable=not args.progress or not several)
         for start in range(0, len(boxes), chunk):
             index = range(start, min(start + chunk, len(boxes)))
             tiles = self.pipeline.batch(
                 [job.image.crop(boxes[k]) for k in index], instruction, height, width, args.settings,
-                [tile_generator(seed, k) for k in index], None, args.vae_posterior, False, "np", args.progress,
-                steps.call(), args.task, batch_size=chunk)
+                [tile_generator(seed, k) for k in index], None, args.vae_posterior, False, "np",
+                args.progress and not several, steps.call(), args.task, batch_size=chunk)
             steps.advance(args.settings.num_inference_steps)
             for k, pixels in zip(index, tiles):
                 blender.add(k, pixels)
+            bar.update(len(index))
+        bar.close()
         pixels = blender.result(*job.out_size)
         image = _labelled(self.parts, pixels, args.output_type, args.task, instruction)
         if args.explain_tokens:

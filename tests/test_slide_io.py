@@ -371,3 +371,163 @@ def test_real_highdicom_grey_slides(name, tmp_path):
     assert np.array_equal(_grey(image), _full_range_of(stored)) and image.value_range == (0.0, 24.0)
     corner = read_slide(path, SlideSelection(region=(5, 5, 10, 10)))  # over four tiles
     assert np.array_equal(_grey(corner), _full_range_of(stored[5:15, 5:15]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tile positions, focal planes and optical paths as scanners write them; label flags; decode errors
+
+SMALL = {"size": (600, 500), "levels": 1, "encoding": "raw", "extras": False}  # 3 x 2 tiles of 256
+
+
+def _edit(path, change) -> None:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.save_as(path)
+
+
+def _positions(ds):
+    return [group.PlanePositionSlideSequence[0] for group in ds.PerFrameFunctionalGroupsSequence]
+
+
+def test_one_plane_sparse_level_keeps_tiles_whatever_their_z(tmp_path):
+    """A scanner recording each tile's own autofocus height as its Z offset on a level of one focal plane."""
+    truth = build_slide(tmp_path / "slide", organization="TILED_SPARSE", **SMALL)
+
+    def autofocus(ds):
+        assert ds.TotalPixelMatrixFocalPlanes == 1
+        for i, position in enumerate(_positions(ds)):
+            position.ZOffsetInSlideCoordinateSystem = round(0.0015 + 0.0001 * i, 7)
+    _edit(truth.volume_files[0][0], autofocus)
+    assert np.array_equal(read_slide(truth.folder).pixels, truth.levels[0])
+    _edit(truth.volume_files[0][0], lambda ds: ds.__delattr__("TotalPixelMatrixFocalPlanes"))  # absent: one plane
+    assert np.array_equal(read_slide(truth.folder).pixels, truth.levels[0])
+
+
+def test_sparse_focal_plane_is_chosen_per_tile(tmp_path):
+    """Three planes (nominal Z 0, +/- 1 um) whose heights follow the tissue: each tile's planes shifted by up to
+    0.4 um, so only one tile has a plane at exactly Z 0, yet every tile's nominal plane is its nearest to 0."""
+    truth = build_slide(tmp_path / "slide", organization="TILED_SPARSE", focal_planes=3, **SMALL)
+
+    def tilted(ds):
+        for position in _positions(ds):
+            row, column = position.RowPositionInTotalImagePixelMatrix, position.ColumnPositionInTotalImagePixelMatrix
+            tile = (row // 256) * 3 + column // 256
+            position.ZOffsetInSlideCoordinateSystem = round(float(position.ZOffsetInSlideCoordinateSystem)
+                                                            + 0.00008 * tile, 7)
+    _edit(truth.volume_files[0][0], tilted)
+    assert np.array_equal(read_slide(truth.folder).pixels, truth.levels[0])
+
+
+def test_frame_positions_are_used_when_the_organization_type_is_absent(tmp_path):
+    """Older files: no Dimension Organization Type; per-frame positions (tiles in reverse order) are used, and a
+    level without them is in TILED_FULL order."""
+    sparse = build_slide(tmp_path / "sparse", organization="TILED_SPARSE", **SMALL)
+    full = build_slide(tmp_path / "full", **SMALL)
+    for truth in (sparse, full):
+        _edit(truth.volume_files[0][0], lambda ds: ds.__delattr__("DimensionOrganizationType"))
+        assert np.array_equal(read_slide(truth.folder).pixels, truth.levels[0])
+
+
+def _copy_instance(source, target, change) -> None:
+    """Another instance of the same level (new SOP Instance UID) holding the inverted image."""
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.PixelData = (np.iinfo(ds.pixel_array.dtype).max - ds.pixel_array).astype(ds.pixel_array.dtype).tobytes()
+    change(ds)
+    ds.save_as(target)
+
+
+def _second_channel(ds) -> None:
+    ds.OpticalPathSequence[0].OpticalPathIdentifier = "2"
+    ds.OpticalPathSequence[0].IlluminationWaveLength = 488.0
+    ds.SharedFunctionalGroupsSequence[0].OpticalPathIdentificationSequence[0].OpticalPathIdentifier = "2"
+
+
+@pytest.mark.parametrize("names", [("a_level0_ch2.dcm", "z_level1_ch2.dcm"), ("z_level0_ch2.dcm", "a_level1_ch2.dcm")])
+def test_optical_paths_stored_apart_give_the_same_path_at_every_level(tmp_path, names):
+    truth = build_slide(tmp_path / "slide", size=(600, 500), levels=2, encoding="raw", photometric="MONOCHROME2",
+                        extras=False)
+    for level, name in enumerate(names):
+        _copy_instance(truth.volume_files[level][0], truth.folder / name, _second_channel)
+    for level in (0, 1):
+        image = read_slide(truth.folder, SlideSelection(level=level))
+        assert image.dataset.OpticalPathSequence[0].OpticalPathIdentifier == "1"
+        assert image.geometry["slide_region"].level_count == 2
+        assert np.array_equal(_grey(image), _full_range_of(truth.levels[level]))
+
+
+def test_focal_planes_stored_apart_give_the_plane_nearest_z0(tmp_path):
+    truth = build_slide(tmp_path / "slide", **SMALL)
+
+    def deeper(ds):
+        ds.TotalPixelMatrixOriginSequence[0].ZOffsetInSlideCoordinateSystem = 0.002
+    _copy_instance(truth.volume_files[0][0], truth.folder / "a_plane_2um.dcm", deeper)
+    _edit(truth.volume_files[0][0],
+          lambda ds: setattr(ds.TotalPixelMatrixOriginSequence[0], "ZOffsetInSlideCoordinateSystem", -0.0005))
+    assert np.array_equal(read_slide(truth.folder).pixels, truth.levels[0])
+
+
+def test_tiled_full_z_stack_takes_the_plane_nearest_z0(tmp_path):
+    """Plane 0 (the image) at the origin's Z -1 um, plane 1 (inverted) one Spacing Between Slices (1 um) above:
+    at Z 0, so it is the nominal plane, as for a sparse level; with no Z stated, the first plane."""
+    truth = build_slide(tmp_path / "slide", focal_planes=2, **SMALL)
+    assert np.array_equal(read_slide(truth.folder).pixels, truth.levels[0])
+    _edit(truth.volume_files[0][0],
+          lambda ds: setattr(ds.TotalPixelMatrixOriginSequence[0], "ZOffsetInSlideCoordinateSystem", -0.001))
+    assert np.array_equal(read_slide(truth.folder).pixels, 255 - truth.levels[0])
+
+
+def test_corrupt_tile_is_one_line_without_a_codec_hint(tmp_path, monkeypatch):
+    truth = build_slide(tmp_path / "slide", size=(600, 500), levels=1, extras=False)
+
+    def damaged(ds):
+        frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+        frames[0] = frames[0][:40] + b"\x00" * 10 + frames[0][200:300]
+        ds.PixelData = pydicom.encaps.encapsulate(frames)
+    _edit(truth.volume_files[0][0], damaged)
+    with pytest.raises(ImageReadError) as err:
+        read_slide(truth.folder, SlideSelection(region=(0, 0, 100, 100)))
+    assert "cannot decode slide tiles" in _one_line(err) and "install" not in str(err.value)
+    # pydicom finding no usable decoder for the transfer syntax: then the hint
+    from pydicom.pixels import get_decoder
+    monkeypatch.setattr(get_decoder(pydicom.uid.JPEGBaseline8Bit), "_available", {})
+    with pytest.raises(ImageReadError) as err:
+        read_slide(truth.folder, SlideSelection(region=(300, 300, 100, 100)))
+    assert "missing dependencies" in _one_line(err) and "unimedvl-core[dicom-codecs]" in str(err.value)
+
+
+@pytest.mark.parametrize("flag", ["SpecimenLabelInImage", "BurnedInAnnotation"])
+def test_instances_flagged_as_showing_the_label_are_never_read(tmp_path, flag, caplog):
+    truth = build_slide(tmp_path / "slide", size=(600, 500), levels=2)
+    for path in (truth.thumbnail_file, truth.volume_files[1][0]):
+        _edit(path, lambda ds: setattr(ds, flag, "YES"))
+    with caplog.at_level("INFO"):
+        listed = [path.name for path, _ in dicom_image_headers(truth.folder)]
+    assert listed == ["level0.dcm"]
+    assert "thumbnail.dcm" in caplog.text and PATIENT_NAME.split("^")[0] not in caplog.text
+    for path in (truth.thumbnail_file, truth.volume_files[1][0]):
+        with pytest.raises(ImageReadError) as err:
+            read_image(path)
+        assert path.name in _one_line(err) and "patient identity" in str(err.value)
+    image = read_image(truth.folder)
+    assert image.geometry["slide_region"].level_count == 1
+    datasets = [pydicom.dcmread(path) for path in sorted(truth.folder.glob("*.dcm"))]
+    in_memory = slide_io.slide_from_headers([(ds, ds) for ds in datasets], "slide")
+    assert in_memory.geometry["slide_region"].level_count == 1
+
+
+def test_a_folder_of_a_thumbnail_only_is_a_one_level_slide(slides, tmp_path):
+    folder = tmp_path / "thumbnail_only"
+    folder.mkdir()
+    (folder / "thumbnail.dcm").write_bytes(slides["jpeg"].thumbnail_file.read_bytes())
+    image = read_image(folder)
+    assert image.geometry["slide_region"].level_count == 1
+    assert np.array_equal(image.pixels, read_image(slides["jpeg"].thumbnail_file).pixels)
+
+
+def test_an_image_type_of_two_values_is_a_volume(tmp_path):
+    truth = build_slide(tmp_path / "slide", size=(600, 500), levels=2, encoding="raw", extras=False)
+    _edit(truth.volume_files[1][0], lambda ds: setattr(ds, "ImageType", ["DERIVED", "PRIMARY"]))
+    image = read_slide(truth.folder, SlideSelection(level=1))
+    assert image.geometry["slide_region"].level_count == 2 and np.array_equal(image.pixels, truth.levels[1])
+    assert np.array_equal(read_image(truth.volume_files[1][0]).pixels, truth.levels[1])

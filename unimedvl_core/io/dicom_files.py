@@ -1,6 +1,6 @@
 """Finding and reading DICOM files: the preamble test, header reading that tolerates files without file meta
 and reports failures in one line naming the file only, and the image headers of a folder (non-image objects
-and the slide label / overview photographs of a whole-slide series left out)."""
+and whole-slide instances showing the slide label left out)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from pydicom.uid import (
 
 from .medical_image import ImageReadError
 
-__all__ = ["is_dicom_file", "read_dicom", "dicom_image_headers", "slide_image_kind", "SLIDE_PHOTO_KINDS"]
+__all__ = ["is_dicom_file", "read_dicom", "dicom_image_headers", "slide_image_kind", "slide_label_shown",
+           "SLIDE_PHOTO_KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,28 @@ SLIDE_PHOTO_KINDS = ("LABEL", "OVERVIEW")
 
 def slide_image_kind(header: Dataset) -> str | None:
     """Value 3 of Image Type of a VL Whole Slide Microscopy instance (VOLUME, THUMBNAIL, LABEL, OVERVIEW);
-    None for any other object."""
+    VOLUME when Image Type has fewer than 3 values but the instance has a total pixel matrix (a tiled level
+    from a writer that left the value out, docs/medical-io.md "Whole-slide images"), else ""; None for any
+    other object."""
     if str(header.get("SOPClassUID", "")) != VLWholeSlideMicroscopyImageStorage:
         return None
     image_type = list(header.get("ImageType", []) or [])
-    return str(image_type[2]).upper() if len(image_type) > 2 else ""
+    if len(image_type) > 2:
+        return str(image_type[2]).upper()
+    return "VOLUME" if "TotalPixelMatrixColumns" in header else ""
+
+
+def slide_label_shown(header: Dataset) -> str | None:
+    """Why a whole-slide instance is never read, or None: it shows the slide label (patient identity), being a
+    LABEL or OVERVIEW photograph, or any other kind flagged Specimen Label In Image or Burned In Annotation YES
+    (e.g. a THUMBNAIL of the whole glass)."""
+    kind = slide_image_kind(header)
+    if kind in SLIDE_PHOTO_KINDS:
+        return f"a slide {kind.lower()} photograph (may show patient identity)"
+    if kind is not None and any(str(header.get(flag, "")).strip().upper() == "YES"
+                                for flag in ("SpecimenLabelInImage", "BurnedInAnnotation")):
+        return f"a slide {kind.lower() or 'image'} showing the slide label (may show patient identity)"
+    return None
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -75,8 +93,9 @@ def _with_transfer_syntax(ds: Dataset) -> Dataset:
 
 def dicom_image_headers(folder: Path) -> Iterator[tuple[Path, Dataset]]:
     """(path, header) of every DICOM image file under ``folder``; unreadable files, non-image objects
-    (SR, RT structure sets, ...) and whole-slide label and overview photographs (``SLIDE_PHOTO_KINDS``) are passed
-    over with a log line naming the file only."""
+    (SR, RT structure sets, ...) and whole-slide instances showing the slide label (``slide_label_shown``: label
+    and overview photographs, instances flagged as showing it) are passed over with a log line naming the file
+    only."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         # files without the preamble are tried when their name allows DICOM (".dcm" or no suffix)
         if not is_dicom_file(path) and path.suffix.lower() not in (".dcm", ""):
@@ -89,8 +108,9 @@ def dicom_image_headers(folder: Path) -> Iterator[tuple[Path, Dataset]]:
         if "Rows" not in header:
             log.info("skipping %s: not an image (%s)", path.name, getattr(header.get("SOPClassUID"), "name", "?"))
             continue
-        if slide_image_kind(header) in SLIDE_PHOTO_KINDS:
-            log.info("skipping %s: slide label or overview photograph (may show patient identity)", path.name)
+        label = slide_label_shown(header)
+        if label:
+            log.info("skipping %s: %s", path.name, label)
             continue
         yield path, header
 

@@ -2,12 +2,12 @@
 
 A slide is a series: VOLUME instances are the pyramid levels (tiled multi-frame images of a total pixel matrix),
 THUMBNAIL, LABEL and OVERVIEW instances are other pictures of it. Only VOLUME instances are read as levels (a
-THUMBNAIL only when it is all that was given); LABEL and OVERVIEW photograph the slide label, patient identity
-burned in, and are refused. Only the tiles meeting the region are decoded, one frame at a time from disk.
-Grey (MONOCHROME1/2, 8- or 16-bit) regions are assembled from their stored values first, then mapped to 8 bits
-once for the whole region by ``voi.py``, as every other grey image is. What is taken from several optical paths /
-focal planes, what fills missing sparse tiles and why ICC profiles are not applied: docs/medical-io.md,
-"Whole-slide images".
+THUMBNAIL only when the series has no VOLUME); LABEL and OVERVIEW photograph the slide label, patient identity
+burned in, and are refused, as is any instance flagged as showing the label. Only the tiles meeting the region
+are decoded, one frame at a time from disk. Grey (MONOCHROME1/2, 8- or 16-bit) regions are assembled from their
+stored values first, then mapped to 8 bits once for the whole region by ``voi.py``, as every other grey image
+is. What is taken from several optical paths / focal planes (stored together or apart), what fills missing
+sparse tiles and why ICC profiles are not applied: docs/medical-io.md, "Whole-slide images".
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydicom.pixels import iter_pixels
 from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 
 from ..modeling.preprocessing import MAX_INPUT_PIXELS
-from .dicom_files import SLIDE_PHOTO_KINDS, dicom_image_headers, read_dicom, slide_image_kind
+from .dicom_files import dicom_image_headers, read_dicom, slide_image_kind, slide_label_shown
 from .medical_image import MAX_DECLARED_BYTES, ImageReadError, MedicalImage
 from .voi import WindowArg, gray_to_rgb, grey_display, voi_attributes
 from .withheld import withhold_dicom_values
@@ -98,7 +98,8 @@ class _Level:
     tile_columns: int
     tile_rows: int
     spacing: tuple[float, float]
-    tiles: np.ndarray | None = None  # TILED_SPARSE: (n, 3) row, column (0-based) and level frame of each tile
+    tiles: np.ndarray | None = None  # per-frame positions: (n, 3) row, column (0-based), level frame of each tile
+    plane_frame: int = 0             # TILED_FULL: frames before the nominal focal plane's tiles
 
     @property
     def header(self) -> Dataset:
@@ -147,30 +148,91 @@ def slide_from_headers(items: list[tuple[Path | Dataset, Dataset]], name: str,
 
 
 def _levels(items: list[tuple[Path | Dataset, Dataset]], name: str, explicit: bool) -> list[_Level]:
-    """The VOLUME levels, finest first. Given one instance explicitly, it must be a VOLUME or THUMBNAIL."""
+    """The VOLUME levels, finest first (the THUMBNAIL when the series has no VOLUME). Instances showing the slide
+    label are never read: given alone (``explicit``) an error, among others passed over."""
     kinds = [slide_image_kind(header) for _, header in items]
     if any(kind is None for kind in kinds):
         raise ImageReadError(f"{name}: not a VL Whole Slide Microscopy image")
-    if explicit and kinds[0] in SLIDE_PHOTO_KINDS:
-        raise ImageReadError(f"{name}: a slide {kinds[0].lower()} image (may show patient identity); not read")
-    volumes = [item for item, kind in zip(items, kinds) if kind == "VOLUME"]
-    if not volumes and explicit and kinds[0] == "THUMBNAIL":
-        volumes = items
+    if explicit and slide_label_shown(items[0][1]):
+        raise ImageReadError(f"{name}: {slide_label_shown(items[0][1])}; not read")
+    usable = [(item, kind) for item, kind in zip(items, kinds) if not _shows_label(item)]
+    volumes = ([item for item, kind in usable if kind == "VOLUME"]
+               or [item for item, kind in usable if kind == "THUMBNAIL"])
     if not volumes:
         raise ImageReadError(f"{name}: no VOLUME instances (pyramid levels) in the slide series")
     groups: dict[str, list[_Part]] = {}
     for source, header in volumes:
         key = str(header.get("ConcatenationUID") or header.SOPInstanceUID)
         groups.setdefault(key, []).append(_part(source, header, name))
-    levels, sizes = [], set()
-    for parts in groups.values():
-        level = _level(sorted(parts, key=lambda p: p.offset), name)
-        if (level.columns, level.rows) in sizes:  # another optical path or focal plane stored apart
-            log.info("%s: a second VOLUME instance of %dx%d is not used", name, level.columns, level.rows)
-            continue
-        sizes.add((level.columns, level.rows))
-        levels.append(level)
-    return sorted(levels, key=lambda lv: -lv.columns)
+    return _one_per_size([_level(sorted(parts, key=lambda p: p.offset), name) for parts in groups.values()], name)
+
+
+def _shows_label(item: tuple[Path | Dataset, Dataset]) -> bool:
+    reason = slide_label_shown(item[1])
+    if reason:
+        log.info("skipping %s: %s", item[0].name if isinstance(item[0], Path) else "a dataset", reason)
+    return reason is not None
+
+
+def _one_per_size(candidates: list[_Level], name: str) -> list[_Level]:
+    """One level per total pixel matrix size, finest first. Same-size instances are other optical paths or focal
+    planes stored apart: every level takes the optical path chosen at the finest (its lowest identifier), then the
+    instance whose origin Z is nearest 0, whatever the order of the files (docs/medical-io.md "Whole-slide
+    images")."""
+    by_size: dict[tuple[int, int], list[_Level]] = {}
+    for level in candidates:
+        by_size.setdefault((level.columns, level.rows), []).append(level)
+    levels: list[_Level] = []
+    path = None
+    for size in sorted(by_size, reverse=True):
+        same = by_size[size]
+        if path is None:
+            path = min((_optical_path(level.header) for level in same), key=_path_order)
+        on_path = [level for level in same if _optical_path(level.header) == path]
+        if not on_path:
+            lowest = min((_optical_path(level.header) for level in same), key=_path_order)
+            on_path = [level for level in same if _optical_path(level.header) == lowest]
+        chosen = min(on_path, key=lambda level: (abs(_origin_z(level.header)), _instance_order(level.header)))
+        if len(same) > 1:
+            log.info("%s: %d VOLUME instances of %dx%d (optical paths or focal planes stored apart); optical path "
+                     "%s at Z %g used", name, len(same), *size, _optical_path(chosen.header) or "-",
+                     _origin_z(chosen.header))
+        levels.append(chosen)
+    return sorted(levels, key=lambda lv: (-lv.columns, -lv.rows))
+
+
+def _optical_path(header: Dataset) -> str:
+    """The identifier of the optical path read from an instance: its Optical Path Sequence's first item."""
+    paths = header.get("OpticalPathSequence") or [Dataset()]
+    return str(paths[0].get("OpticalPathIdentifier", "")).strip()
+
+
+def _path_order(identifier: str) -> tuple:
+    """Numeric identifiers by number ("2" before "10"), then others by text, a missing one last."""
+    return (0, int(identifier), "") if identifier.isdecimal() else (1 if identifier else 2, 0, identifier)
+
+
+def _origin_z(header: Dataset) -> float:
+    """Z offset (mm) of the instance's plane: its Total Pixel Matrix Origin, else its shared Plane Position
+    (Slide); 0 when neither states it."""
+    origin = (header.get("TotalPixelMatrixOriginSequence") or [Dataset()])[0]
+    z = origin.get("ZOffsetInSlideCoordinateSystem")
+    if z is None:
+        shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+        z = _frame_value(Dataset(), shared, "PlanePositionSlideSequence", "ZOffsetInSlideCoordinateSystem")
+    try:
+        return float(z) if z is not None else 0.0
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _instance_order(header: Dataset) -> tuple:
+    """A tie-break independent of file order: Instance Number, then SOP Instance UID."""
+    try:
+        number = int(header.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        number = math.inf
+    return number, str(header.get("SOPInstanceUID", ""))
 
 
 def _part(source: Path | Dataset, header: Dataset, name: str) -> _Part:
@@ -195,9 +257,52 @@ def _level(parts: list[_Part], name: str) -> _Level:
         raise ImageReadError(f"{name}: missing or invalid total pixel matrix or tile size") from None
     if min(level.columns, level.rows, level.tile_columns, level.tile_rows) <= 0:
         raise ImageReadError(f"{name}: invalid total pixel matrix {level.columns}x{level.rows}")
-    if str(header.get("DimensionOrganizationType", "")).upper() == "TILED_SPARSE":
+    organization = str(header.get("DimensionOrganizationType", "")).strip().upper()
+    # positions when stated; TILED_FULL order when declared or when no frame has a position (older files leave
+    # the type out): docs/medical-io.md "Whole-slide images"
+    if organization == "TILED_SPARSE" or (organization != "TILED_FULL" and _has_frame_positions(parts)):
         level.tiles = _sparse_tiles(parts, name)
+    else:
+        level.plane_frame = _full_plane_frame(level)
     return level
+
+
+def _has_frame_positions(parts: list[_Part]) -> bool:
+    groups = parts[0].header.get("PerFrameFunctionalGroupsSequence") or [Dataset()]
+    return bool(groups[0].get("PlanePositionSlideSequence"))
+
+
+def _focal_planes(header: Dataset) -> int:
+    for keyword in ("TotalPixelMatrixFocalPlanes", "NumberOfFocalPlanes"):
+        try:
+            if int(header.get(keyword) or 0) > 0:
+                return int(header.get(keyword))
+        except (TypeError, ValueError):
+            continue
+    return 1
+
+
+def _full_plane_frame(level: _Level) -> int:
+    """TILED_FULL: the first frame of the focal plane nearest Z 0, the planes' Z taken from per-frame Plane
+    Positions, else the origin's Z stepped by Spacing Between Slices; the first plane when neither is stated
+    (frame order: docs/medical-io.md "Whole-slide images")."""
+    header = level.header
+    per_plane = -(-level.columns // level.tile_columns) * -(-level.rows // level.tile_rows)
+    planes = min(_focal_planes(header), sum(part.frames for part in level.parts) // per_plane)
+    if planes <= 1:
+        return 0
+    shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    groups = [g for part in level.parts for g in (part.header.get("PerFrameFunctionalGroupsSequence") or [])]
+    zs = [_frame_value(groups[k * per_plane], Dataset(), "PlanePositionSlideSequence",
+                       "ZOffsetInSlideCoordinateSystem") if len(groups) >= planes * per_plane else None
+          for k in range(planes)]
+    if any(z is None for z in zs):
+        origin = (header.get("TotalPixelMatrixOriginSequence") or [Dataset()])[0].get("ZOffsetInSlideCoordinateSystem")
+        step = _frame_value(Dataset(), shared, "PixelMeasuresSequence", "SpacingBetweenSlices")
+        if origin is None or step is None:
+            return 0
+        zs = [float(origin) + k * float(step) for k in range(planes)]
+    return int(np.argmin(np.abs(np.asarray(zs, np.float64)))) * per_plane
 
 
 def _spacing(header: Dataset, name: str) -> tuple[float, float]:
@@ -222,7 +327,21 @@ def _frame_value(group: Dataset, shared: Dataset, sequence: str, keyword: str):
 
 
 def _sparse_tiles(parts: list[_Part], name: str) -> np.ndarray:
-    """(row, column, frame) of each tile of the first optical path on the focal plane nearest Z offset 0."""
+    """(row, column, level frame) of each tile position of the first optical path: the frame nearest Z offset 0
+    there, the first frame on a tie. A level of one focal plane takes each position's first frame whatever its
+    Z, which scanners may set to each tile's own focus height (docs/medical-io.md "Whole-slide images")."""
+    rows, cols, zs, frames = _frame_positions(parts, name)
+    if not len(frames):
+        return np.zeros((0, 3), np.int64)
+    nearness = np.round(np.abs(zs), 9) if _focal_planes(parts[0].header) > 1 else np.zeros(len(zs))
+    order = np.lexsort((frames, nearness, cols, rows))  # by position, then nearness to Z 0, then frame
+    _, first = np.unique(np.stack([rows[order], cols[order]], axis=1), axis=0, return_index=True)
+    chosen = order[first]
+    return np.stack([rows[chosen], cols[chosen], frames[chosen]], axis=1)
+
+
+def _frame_positions(parts: list[_Part], name: str) -> tuple[np.ndarray, ...]:
+    """Row, column (0-based), Z offset and level frame of every frame of the instance's first optical path."""
     header = parts[0].header
     paths = header.get("OpticalPathSequence") or []
     first_path = str(paths[0].get("OpticalPathIdentifier", "")) if paths else None
@@ -231,7 +350,8 @@ def _sparse_tiles(parts: list[_Part], name: str) -> np.ndarray:
     for part in parts:
         groups = part.header.get("PerFrameFunctionalGroupsSequence") or []
         if len(groups) != part.frames:
-            raise ImageReadError(f"{name}: TILED_SPARSE level without a position for each of its frames")
+            raise ImageReadError(f"{name}: a level of per-frame tile positions without a position for each of "
+                                 "its frames")
         for i, group in enumerate(groups):
             path = _frame_value(group, shared, "OpticalPathIdentificationSequence", "OpticalPathIdentifier")
             if first_path is not None and path is not None and str(path) != first_path:
@@ -239,17 +359,14 @@ def _sparse_tiles(parts: list[_Part], name: str) -> np.ndarray:
             row = _frame_value(group, shared, "PlanePositionSlideSequence", "RowPositionInTotalImagePixelMatrix")
             col = _frame_value(group, shared, "PlanePositionSlideSequence", "ColumnPositionInTotalImagePixelMatrix")
             if row is None or col is None:
-                raise ImageReadError(f"{name}: TILED_SPARSE frame {part.offset + i + 1} has no tile position")
+                raise ImageReadError(f"{name}: frame {part.offset + i + 1} has no tile position")
             z = _frame_value(group, shared, "PlanePositionSlideSequence", "ZOffsetInSlideCoordinateSystem")
             rows.append(int(row) - 1)
             cols.append(int(col) - 1)
-            zs.append(abs(float(z)) if z is not None else 0.0)
+            zs.append(float(z) if z is not None else 0.0)
             frames.append(part.offset + i)
-    if not frames:
-        return np.zeros((0, 3), np.int64)
-    zs_arr = np.asarray(zs)
-    keep = np.isclose(zs_arr, zs_arr.min(), rtol=0, atol=1e-7)
-    return np.stack([np.asarray(rows), np.asarray(cols), np.asarray(frames)], axis=1)[keep]
+    return (np.asarray(rows, np.int64), np.asarray(cols, np.int64), np.asarray(zs, np.float64),
+            np.asarray(frames, np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,8 +442,8 @@ def _tile_frames(level: _Level, r0: int, c0: int, rows: int, cols: int) -> Itera
         t = level.tiles
         meets = (t[:, 0] < r0 + rows) & (t[:, 0] + th > r0) & (t[:, 1] < c0 + cols) & (t[:, 1] + tw > c0)
         return [tuple(int(v) for v in tile) for tile in t[meets]]
-    across = -(-level.columns // tw)
-    return [(tr * th, tc * tw, tr * across + tc) for tr in range(r0 // th, (r0 + rows - 1) // th + 1)
+    across, first = -(-level.columns // tw), level.plane_frame
+    return [(tr * th, tc * tw, first + tr * across + tc) for tr in range(r0 // th, (r0 + rows - 1) // th + 1)
             for tc in range(c0 // tw, (c0 + cols - 1) // tw + 1)]
 
 
@@ -353,9 +470,18 @@ def _assemble(level: _Level, r0: int, c0: int, rows: int, cols: int,
         except ImageReadError:
             raise
         except Exception as err:  # codecs raise many types
-            raise ImageReadError(f"{name}: cannot decode slide tiles ({type(err).__name__}: {err}); install "
-                                 "unimedvl-core[dicom-codecs] for its decoder") from None
+            raise ImageReadError(_decode_problem(name, err)) from None
     return out, covered
+
+
+def _decode_problem(name: str, err: Exception) -> str:
+    """One line: the error's first line, and the codec install hint only when pydicom says the decoder for the
+    transfer syntax is missing (not when a tile is corrupt)."""
+    text = str(err).strip()
+    first = text.splitlines()[0].rstrip(":") if text else ""
+    hint = ("; install unimedvl-core[dicom-codecs] for its decoder" if "missing dependencies" in text
+            else "")
+    return f"{name}: cannot decode slide tiles ({type(err).__name__}: {first}){hint}"
 
 
 def _background(header: Dataset) -> int:

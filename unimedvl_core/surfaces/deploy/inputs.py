@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pydicom
 
-from ...io.dicom_files import SLIDE_PHOTO_KINDS, slide_image_kind
+from ...io.dicom_files import slide_image_kind, slide_label_shown
 from ...io.dicom_output import ALGORITHM_NAME, MANUFACTURER
 from ...io.medical_io import ImageReadError, check_declared_size, is_dicom_file
 from ...io.slide import decode_frames
@@ -190,10 +190,9 @@ def _scan_file(path: Path, name: str, scan: InputScan, corrupt: dict[str, str], 
     if unusable:
         scan.skipped.append((name, unusable))
         return
-    kind = slide_image_kind(header)
-    if kind in SLIDE_PHOTO_KINDS:
-        scan.skipped.append((name, f"a slide's {kind.lower()} photograph (may show the label's patient identity), "
-                                   "not read"))
+    shows_label = slide_label_shown(header)
+    if shows_label:
+        scan.skipped.append((name, f"{shows_label}, not read"))
         return
     series = str(header.get("SeriesInstanceUID", ""))
     problem = _pixel_problem(path, header, name, sop)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -531,3 +532,193 @@ def test_an_image_type_of_two_values_is_a_volume(tmp_path):
     image = read_slide(truth.folder, SlideSelection(level=1))
     assert image.geometry["slide_region"].level_count == 2 and np.array_equal(image.pixels, truth.levels[1])
     assert np.array_equal(read_image(truth.volume_files[1][0]).pixels, truth.levels[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tile positions scanned from the per-frame groups as read, against pydicom's decoding of them; the level cache
+
+
+def _resave(path, syntax, undefined_items: bool = False) -> None:
+    """Rewrite an instance in another transfer syntax; ``undefined_items``: every item and nested sequence of
+    undefined length, with delimiters, as some scanners write (the per-frame sequence itself keeps its length:
+    pydicom decodes an undefined-length sequence while reading the file)."""
+    ds = pydicom.dcmread(path)
+    for element in ds.iterall():
+        if element.VR == "SQ":
+            element.is_undefined_length = undefined_items and element.tag != 0x52009230
+            for item in element.value:
+                item.is_undefined_length_sequence_item = undefined_items
+    ds.file_meta.TransferSyntaxUID = syntax
+    if syntax.is_little_endian:
+        ds.save_as(path, enforce_file_format=True)
+    else:  # pydicom converts to big endian only when forced
+        pydicom.dcmwrite(path, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+
+
+def _per_frame_paths(ds) -> None:
+    """A second optical path stored in the same instance, its (inverted) frames first, each frame naming its
+    path in its own Optical Path Identification, so a reader must select by those."""
+    second = pydicom.Dataset()
+    second.update(ds.OpticalPathSequence[0])
+    second.OpticalPathIdentifier = "2"
+    ds.OpticalPathSequence.append(second)
+    ds.NumberOfOpticalPaths = 2
+    del ds.SharedFunctionalGroupsSequence[0].OpticalPathIdentificationSequence
+    groups = []
+    for path in ("2", "1"):
+        for group in pydicom.dcmread(ds.filename).PerFrameFunctionalGroupsSequence:
+            identification = pydicom.Dataset()
+            identification.OpticalPathIdentifier = path
+            group.OpticalPathIdentificationSequence = pydicom.Sequence([identification])
+            groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence(groups)
+    frames = ds.pixel_array
+    ds.PixelData = np.concatenate([255 - frames, frames]).tobytes()
+    ds.NumberOfFrames = 2 * len(frames)
+
+
+SPARSE = dict(SMALL, organization="TILED_SPARSE")
+SCANNED_KINDS = {
+    "sparse": ({}, None),
+    "concatenated": ({"levels": 2, "concatenate": 0}, None),
+    "focal_planes": ({"focal_planes": 3}, None),
+    "optical_paths": ({}, lambda path: _edit(path, _per_frame_paths)),
+    "implicit_vr": ({"focal_planes": 2}, lambda path: _resave(path, pydicom.uid.ImplicitVRLittleEndian)),
+    "undefined_items": ({}, lambda path: _resave(path, pydicom.uid.ExplicitVRLittleEndian, True)),
+    "implicit_undefined_items": ({"focal_planes": 2},
+                                 lambda path: _resave(path, pydicom.uid.ImplicitVRLittleEndian, True)),
+}
+
+
+@pytest.fixture(scope="module")
+def scanned_slides(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scanned")
+    out = {}
+    for kind, (options, change) in SCANNED_KINDS.items():
+        out[kind] = build_slide(root / kind, **dict(SPARSE, **options))
+        for path in out[kind].volume_files[0]:
+            if change:
+                change(path)
+    out["declared"] = build_declared_slide(root / "declared")
+    return out
+
+
+def _parts(files) -> list:
+    """The level's instances as the reader gets them: headers read without pixels, per-frame groups undecoded."""
+    return sorted((slide_io._part(path, pydicom.dcmread(path, stop_before_pixels=True), path.name) for path in files),
+                  key=lambda part: part.offset)
+
+
+def _decoded_tiles(files, monkeypatch) -> np.ndarray:
+    with monkeypatch.context() as patch:
+        patch.setattr(slide_io, "_scanned_frame_positions", lambda parts: None)
+        return slide_io._sparse_tiles(_parts(files), "slide")
+
+
+@pytest.mark.parametrize("kind", [*SCANNED_KINDS, "declared"])
+def test_scanned_tile_positions_are_exactly_the_decoded_ones(scanned_slides, kind, monkeypatch):
+    truth = scanned_slides[kind]
+    files = truth.volume_files[0]
+    scanned = slide_io._scanned_frame_positions(_parts(files))
+    assert scanned is not None  # the scan was sure of every frame
+    decoded = slide_io._frame_positions(_parts(files), "slide")
+    planes = kind in ("focal_planes", "implicit_vr", "implicit_undefined_items")
+    for which in (0, 1, 2, 3) if planes else (0, 1, 3):  # Z is only read where there are several planes
+        assert np.array_equal(scanned[which], decoded[which]) and scanned[which].dtype == decoded[which].dtype
+    assert len(scanned[0]) == truth.frame_counts[0]  # of the first optical path only
+    tiles = slide_io._sparse_tiles(_parts(files), "slide")
+    assert np.array_equal(tiles, _decoded_tiles(files, monkeypatch))
+    assert len(tiles) == (9 if kind == "declared" else 6)  # one frame per tile position
+    if kind != "declared":
+        assert np.array_equal(read_slide(truth.folder, SlideSelection(level=0)).pixels, truth.levels[0])
+
+
+def _rows_of_top_tiles_shared(ds) -> None:
+    """The top row of tiles takes its Row Position from the shared groups, not its own."""
+    shared = pydicom.Dataset()
+    shared.RowPositionInTotalImagePixelMatrix = 1
+    ds.SharedFunctionalGroupsSequence[0].PlanePositionSlideSequence = pydicom.Sequence([shared])
+    for position in _positions(ds):
+        if position.RowPositionInTotalImagePixelMatrix == 1:
+            del position.RowPositionInTotalImagePixelMatrix
+
+
+def _row_elsewhere_too(ds) -> None:
+    """A Row Position where it is not the frame's: inside the first frame's Frame Content item."""
+    ds.PerFrameFunctionalGroupsSequence[0].FrameContentSequence[0].RowPositionInTotalImagePixelMatrix = 9999
+
+
+def _as_many_rows_but_not_one_per_frame(ds) -> None:
+    """Six Row Positions for six frames, but two in each bottom tile's frame and none in the top tiles' own."""
+    _rows_of_top_tiles_shared(ds)
+    for group in ds.PerFrameFunctionalGroupsSequence[:3]:
+        group.FrameContentSequence[0].RowPositionInTotalImagePixelMatrix = 9999
+
+
+def _z_not_a_number(ds) -> None:
+    _positions(ds)[2].ZOffsetInSlideCoordinateSystem = "0.0\\0.001"
+
+
+@pytest.mark.parametrize("change, options", [
+    (_rows_of_top_tiles_shared, {}),
+    (_row_elsewhere_too, {}),
+    (_as_many_rows_but_not_one_per_frame, {}),
+    (_z_not_a_number, {"focal_planes": 2}),
+    ("big_endian", {}),
+])
+def test_scan_refuses_what_it_cannot_be_sure_of(tmp_path, change, options, monkeypatch):
+    truth = build_slide(tmp_path / "slide", **dict(SPARSE, **options))
+    files = truth.volume_files[0]
+    if change == "big_endian":
+        _resave(files[0], pydicom.uid.ExplicitVRBigEndian)
+    else:
+        _edit(files[0], change)
+    assert slide_io._scanned_frame_positions(_parts(files)) is None
+    if change is _z_not_a_number:  # pydicom's decoding then refuses it too
+        with pytest.raises(TypeError):
+            slide_io._frame_positions(_parts(files), "slide")
+        return
+    assert np.array_equal(slide_io._sparse_tiles(_parts(files), "slide"), _decoded_tiles(files, monkeypatch))
+    assert np.array_equal(read_slide(truth.folder).pixels, truth.levels[0])
+
+
+def test_scan_refuses_per_frame_groups_already_decoded(scanned_slides):
+    parts = _parts(scanned_slides["sparse"].volume_files[0])
+    assert slide_io._scanned_frame_positions(parts) is not None
+    assert len(parts[0].header.PerFrameFunctionalGroupsSequence) == 6  # decoded now, as an edit would
+    assert slide_io._scanned_frame_positions(parts) is None
+
+
+def test_a_level_read_again_is_not_parsed_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(slide_io, "_tiles_cache", OrderedDict())
+    parsed = []
+    parse = slide_io._sparse_tiles
+    monkeypatch.setattr(slide_io, "_sparse_tiles", lambda parts, name: parsed.append(name) or parse(parts, name))
+    truth = build_slide(tmp_path / "slide", **SPARSE)
+    first = read_slide(truth.folder)
+    assert np.array_equal(read_slide(truth.folder, SlideSelection(region=(0, 0, 300, 300))).pixels,
+                          first.pixels[:300, :300])
+    assert len(parsed) == 1
+    _edit(truth.volume_files[0][0], _without_top_left_tile_positions)  # a changed file is parsed again
+    assert (read_slide(truth.folder).pixels[:256, :256] == slide_io.BACKGROUND).all() and len(parsed) == 2
+    path = truth.volume_files[0][0]
+    for _ in range(2):  # in memory: the same SOP instance with the same per-frame groups as read
+        read_slide(pydicom.dcmread(path))
+    assert len(parsed) == 3
+    decoded = pydicom.dcmread(path)
+    decoded.PerFrameFunctionalGroupsSequence[0].PlanePositionSlideSequence[0].RowPositionInTotalImagePixelMatrix = 257
+    read_slide(decoded)
+    read_slide(decoded)  # decoded groups may have been edited: parsed every time
+    assert len(parsed) == 5
+    monkeypatch.setattr(slide_io, "_TILES_KEPT", 2)
+    for k in range(3):
+        read_slide(build_slide(tmp_path / f"other{k}", **SPARSE).folder)
+    assert len(slide_io._tiles_cache) == 2
+
+
+def _without_top_left_tile_positions(ds) -> None:
+    """The top-left tile (written last) and its frame removed."""
+    frames = int(ds.NumberOfFrames)
+    ds.PixelData = ds.PixelData[:len(ds.PixelData) // frames * (frames - 1)]
+    ds.NumberOfFrames = frames - 1
+    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence(list(ds.PerFrameFunctionalGroupsSequence)[:-1])

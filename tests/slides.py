@@ -281,19 +281,21 @@ def _shared_groups(ds: Dataset, spacing: float, sparse: bool, planes: int) -> No
     ds.SharedFunctionalGroupsSequence = Sequence([group])
 
 
+def _dimension_index(uid: str, tag: int) -> Dataset:
+    item = Dataset()
+    item.DimensionOrganizationUID = uid
+    item.DimensionIndexPointer = tag
+    item.FunctionalGroupPointer = 0x0048021A  # Plane Position (Slide) Sequence
+    return item
+
+
 def _dimensions(ds: Dataset, sparse: bool) -> None:
-    organization = Dataset()
-    organization.DimensionOrganizationUID = generate_uid()
-    ds.DimensionOrganizationSequence = Sequence([organization])
+    uid = generate_uid()
+    ds.DimensionOrganizationSequence = Sequence([Dataset()])
+    ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = uid
     ds.DimensionOrganizationType = "TILED_SPARSE" if sparse else "TILED_FULL"
-    indices = []
-    for keyword in ("ColumnPositionInTotalImagePixelMatrix", "RowPositionInTotalImagePixelMatrix"):
-        index = Dataset()
-        index.DimensionOrganizationUID = organization.DimensionOrganizationUID
-        index.DimensionIndexPointer = keyword
-        index.FunctionalGroupPointer = "PlanePositionSlideSequence"
-        indices.append(index)
-    ds.DimensionIndexSequence = Sequence(indices)
+    # column, then row position in the total pixel matrix: (0048,021E), (0048,021F)
+    ds.DimensionIndexSequence = Sequence([_dimension_index(uid, 0x0048021E), _dimension_index(uid, 0x0048021F)])
 
 
 def _plane_position(ds: Dataset, row: int, col: int, spacing: float, z: float = 0.0) -> Dataset:

@@ -5,6 +5,7 @@ label and overview images never reach the model, and image outputs are derived s
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pydicom
@@ -141,3 +142,17 @@ def test_map_rejects_a_slide_with_a_broken_level_and_windows_grey_slides(tmp_pat
     assert sr.SOPClassUID.name.endswith("SR Storage")
     headers = [(path, pydicom.dcmread(path, stop_before_pixels=True)) for path in sorted(grey.folder.glob("*.dcm"))]
     assert SlideInput(headers, window=(3000, 2000)).image_for(None).window == (3000.0, 2000.0)  # the task file's
+
+
+def test_map_scan_keeps_one_copy_of_a_slide_instance(tmp_path):
+    """A second file with a level's SOP Instance UID is skipped with the first file's name, so every staged slide
+    instance is a header and the pyramid keeps one instance per level."""
+    truth = build_slide(tmp_path / "in" / "slide", encoding="raw", extras=False)
+    (tmp_path / "in" / "copy").mkdir()
+    shutil.copy(truth.volume_files[1][0], tmp_path / "in" / "copy" / "again.dcm")
+    scan = scan_dicom_folder(tmp_path / "in")
+    reasons = dict(scan.skipped)
+    (name, reason), = reasons.items()
+    assert "same SOP Instance UID as" in reason and len(scan.slide_files) == len(truth.volume_files)
+    staged = stage_usable_files(scan, tmp_path / "staged")
+    assert not any(path.is_symlink() for path in staged.glob("*.dcm"))

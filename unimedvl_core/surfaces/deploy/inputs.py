@@ -195,6 +195,11 @@ def _scan_file(path: Path, name: str, scan: InputScan, corrupt: dict[str, str], 
         scan.skipped.append((name, f"{shows_label}, not read"))
         return
     series = str(header.get("SeriesInstanceUID", ""))
+    earlier = scan.slide_files.get(str(header.SOPInstanceUID)) if slide_image_kind(header) is not None else None
+    if earlier is not None:  # one instance per UID: a second copy would be staged whole and break the pyramid
+        shown = earlier.relative_to(scan.root) if scan.root else earlier.name
+        scan.skipped.append((name, f"same SOP Instance UID as {shown}, not read"))
+        return
     problem = _pixel_problem(path, header, name, sop)
     if problem:
         reason, incomplete = problem

@@ -233,7 +233,11 @@ class SliceSelectionOperator(Operator):
     def _slide_of(self, datasets: list) -> SlideInput:
         """The slide of these instances, read from the scanned files where known (the loaded datasets of a
         staged slide are headers only)."""
-        items = [(self.slide_files.get(str(ds.get("SOPInstanceUID", "")), ds), ds) for ds in datasets]
+        slides = [ds for ds in datasets if is_slide(ds)]
+        if len(slides) < len(datasets):
+            log.warning("a slide series holds %d instances of other kinds; they are not read",
+                        len(datasets) - len(slides))
+        items = [(self.slide_files.get(str(ds.get("SOPInstanceUID", "")), ds), ds) for ds in slides]
         return SlideInput(items, self.slide_region, self.slide_level, self.window)
 
     def series_slices(self, uid: str, modality: str, description: str, selection: str,

@@ -1,7 +1,8 @@
 """Whole-slide reading on this machine, no dataset needed (slides built with tests/slides.py): tile positions of a
 real-size 40x TILED_SPARSE level (scanned from the per-frame bytes vs decoded by pydicom, and read again from the
-level cache), level-0 region reads from a JPEG TILED_FULL slide, the text-task read of a real-size declared slide,
-and the MAP's input scan of slide folders (docs/performance.md "Whole-slide images"). Prints one JSON line.
+cache of scanned positions), level-0 region reads from a JPEG TILED_FULL slide, the text-task read of a real-size
+declared slide, and the MAP's input scan of slide folders (docs/performance.md "Whole-slide images").
+Prints one JSON line.
 
     .venv/bin/python benchmarks/bench_slides.py [--workdir DIR] [--size 8192] [--skip-decoded]
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/slides.py 
 
 from tests.slides import DECLARED_SIZE, build_declared_slide, build_slide  # noqa: E402
 from unimedvl_core.io import slide as slide_io  # noqa: E402
+from unimedvl_core.io import slide_positions  # noqa: E402
 from unimedvl_core.io.dicom_files import read_dicom  # noqa: E402
 from unimedvl_core.io.slide import SlideSelection, read_slide  # noqa: E402
 from unimedvl_core.surfaces.deploy.inputs import scan_dicom_folder  # noqa: E402
@@ -75,16 +77,16 @@ def timed(call) -> tuple[float, object]:
 
 
 def tile_positions(path: Path, decoded_too: bool) -> dict:
-    """Seconds from a header read without pixels to the level's tile array: scanned, again (cache), decoded."""
+    """Seconds from a header read without pixels to the level's tile array: scanned, again (the per-process
+    cache of scanned positions), decoded by pydicom."""
     def level():
         return slide_io._levels([(path, read_dicom(path, stop_before_pixels=True))], path.name, explicit=True)
-    slide_io._tiles_cache.clear()
+    slide_positions.clear_scanned_positions()
     scanned, levels = timed(level)
     cached, _ = timed(level)
     out = {"frames": int(levels[0].tiles.shape[0]), "header_mb": round(path.stat().st_size / 1e6, 1),
            "scanned_s": round(scanned, 3), "cached_s": round(cached, 4)}
     if decoded_too:
-        slide_io._tiles_cache.clear()
         scan = slide_io._scanned_frame_positions
         slide_io._scanned_frame_positions = lambda parts: None  # pydicom decodes the per-frame groups
         try:

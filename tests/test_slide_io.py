@@ -5,8 +5,10 @@ level, every tile organisation, level choice, decoding only the tiles needed, th
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from pydicom.encaps import generate_frames
 
 from tests.slides import DECLARED_SIZE, PATIENT_NAME, build_declared_slide, build_slide
 from unimedvl_core.io import slide as slide_io
+from unimedvl_core.io import slide_positions
 from unimedvl_core.io.medical_io import (
     ImageReadError,
     dicom_image_headers,
@@ -578,15 +581,20 @@ def _per_frame_paths(ds) -> None:
 
 
 SPARSE = dict(SMALL, organization="TILED_SPARSE")
+# scanned: one focal plane and no per-frame optical path, the one layout the scan reads
 SCANNED_KINDS = {
     "sparse": ({}, None),
     "concatenated": ({"levels": 2, "concatenate": 0}, None),
-    "focal_planes": ({"focal_planes": 3}, None),
-    "optical_paths": ({}, lambda path: _edit(path, _per_frame_paths)),
-    "implicit_vr": ({"focal_planes": 2}, lambda path: _resave(path, pydicom.uid.ImplicitVRLittleEndian)),
+    "implicit_vr": ({}, lambda path: _resave(path, pydicom.uid.ImplicitVRLittleEndian)),
     "undefined_items": ({}, lambda path: _resave(path, pydicom.uid.ExplicitVRLittleEndian, True)),
-    "implicit_undefined_items": ({"focal_planes": 2},
-                                 lambda path: _resave(path, pydicom.uid.ImplicitVRLittleEndian, True)),
+    "implicit_undefined_items": ({}, lambda path: _resave(path, pydicom.uid.ImplicitVRLittleEndian, True)),
+}
+# decoded by pydicom whatever their bytes: several focal planes, per-frame optical paths (docs/medical-io.md)
+DECODED_KINDS = {
+    "focal_planes": ({"focal_planes": 3}, None),
+    "implicit_focal_planes": ({"focal_planes": 2},
+                              lambda path: _resave(path, pydicom.uid.ImplicitVRLittleEndian, True)),
+    "optical_paths": ({}, lambda path: _edit(path, _per_frame_paths)),
 }
 
 
@@ -594,7 +602,7 @@ SCANNED_KINDS = {
 def scanned_slides(tmp_path_factory):
     root = tmp_path_factory.mktemp("scanned")
     out = {}
-    for kind, (options, change) in SCANNED_KINDS.items():
+    for kind, (options, change) in {**SCANNED_KINDS, **DECODED_KINDS}.items():
         out[kind] = build_slide(root / kind, **dict(SPARSE, **options))
         for path in out[kind].volume_files[0]:
             if change:
@@ -622,15 +630,21 @@ def test_scanned_tile_positions_are_exactly_the_decoded_ones(scanned_slides, kin
     scanned = slide_io._scanned_frame_positions(_parts(files))
     assert scanned is not None  # the scan was sure of every frame
     decoded = slide_io._frame_positions(_parts(files), "slide")
-    planes = kind in ("focal_planes", "implicit_vr", "implicit_undefined_items")
-    for which in (0, 1, 2, 3) if planes else (0, 1, 3):  # Z is only read where there are several planes
+    for which in range(4):
         assert np.array_equal(scanned[which], decoded[which]) and scanned[which].dtype == decoded[which].dtype
-    assert len(scanned[0]) == truth.frame_counts[0]  # of the first optical path only
+    assert len(scanned[0]) == truth.frame_counts[0]
     tiles = slide_io._sparse_tiles(_parts(files), "slide")
     assert np.array_equal(tiles, _decoded_tiles(files, monkeypatch))
     assert len(tiles) == (9 if kind == "declared" else 6)  # one frame per tile position
     if kind != "declared":
         assert np.array_equal(read_slide(truth.folder, SlideSelection(level=0)).pixels, truth.levels[0])
+
+
+@pytest.mark.parametrize("kind", DECODED_KINDS)
+def test_several_planes_or_per_frame_paths_are_decoded_by_pydicom(scanned_slides, kind):
+    truth = scanned_slides[kind]
+    assert slide_io._scanned_frame_positions(_parts(truth.volume_files[0])) is None
+    assert np.array_equal(read_slide(truth.folder, SlideSelection(level=0)).pixels, truth.levels[0])
 
 
 def _rows_of_top_tiles_shared(ds) -> None:
@@ -655,31 +669,142 @@ def _as_many_rows_but_not_one_per_frame(ds) -> None:
         group.FrameContentSequence[0].RowPositionInTotalImagePixelMatrix = 9999
 
 
-def _z_not_a_number(ds) -> None:
-    _positions(ds)[2].ZOffsetInSlideCoordinateSystem = "0.0\\0.001"
+def _private(group, element: int, vr: str, value) -> None:
+    group.add_new(0x00290010, "LO", "ACME")
+    group.add_new(0x00291000 | element, vr, value)
 
 
-@pytest.mark.parametrize("change, options", [
-    (_rows_of_top_tiles_shared, {}),
-    (_row_elsewhere_too, {}),
-    (_as_many_rows_but_not_one_per_frame, {}),
-    (_z_not_a_number, {"focal_planes": 2}),
-    ("big_endian", {}),
+def _path_bytes_in_a_private_ob(ds) -> None:
+    """(0048,0106) bytes inside a private OB value of each frame; the frames state no optical path."""
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        _private(group, 1, "OB", b"\x48\x00\x06\x01SH\x02\x002 ")
+
+
+def _path_in_a_private_sequence(ds) -> None:
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        inner = pydicom.Dataset()
+        inner.OpticalPathIdentifier = "2"
+        _private(group, 2, "SQ", pydicom.Sequence([inner]))
+
+
+def _path_in_a_source_image_item(ds) -> None:
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        source = pydicom.Dataset()
+        source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = ds.SOPClassUID, "1.2.3"
+        source.OpticalPathIdentifier = "2"
+        derivation = pydicom.Dataset()
+        derivation.SourceImageSequence = pydicom.Sequence([source])
+        group.DerivationImageSequence = pydicom.Sequence([derivation])
+
+
+def _positions_only_in_a_private_sequence(ds) -> None:
+    """Each frame's Row and Column moved out of its Plane Position into a private sequence: pydicom has none."""
+    for group, position in zip(ds.PerFrameFunctionalGroupsSequence, _positions(ds)):
+        inner = pydicom.Dataset()
+        inner.RowPositionInTotalImagePixelMatrix = position.RowPositionInTotalImagePixelMatrix
+        inner.ColumnPositionInTotalImagePixelMatrix = position.ColumnPositionInTotalImagePixelMatrix
+        del position.RowPositionInTotalImagePixelMatrix, position.ColumnPositionInTotalImagePixelMatrix
+        _private(group, 2, "SQ", pydicom.Sequence([inner]))
+
+
+def _positions_in_a_second_plane_position_item(ds) -> None:
+    """Row and Column in the Plane Position's second item; pydicom reads the first, then the shared groups."""
+    shared = pydicom.Dataset()
+    shared.RowPositionInTotalImagePixelMatrix = shared.ColumnPositionInTotalImagePixelMatrix = 1
+    ds.SharedFunctionalGroupsSequence[0].PlanePositionSlideSequence = pydicom.Sequence([shared])
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        position = group.PlanePositionSlideSequence[0]
+        second = pydicom.Dataset()
+        second.RowPositionInTotalImagePixelMatrix = position.RowPositionInTotalImagePixelMatrix
+        second.ColumnPositionInTotalImagePixelMatrix = position.ColumnPositionInTotalImagePixelMatrix
+        del position.RowPositionInTotalImagePixelMatrix, position.ColumnPositionInTotalImagePixelMatrix
+        group.PlanePositionSlideSequence.append(second)
+
+
+def _positions_nested_in_the_plane_position(ds) -> None:
+    """Row and Column inside a private sequence within the Plane Position item: not its own elements."""
+    for position in _positions(ds):
+        inner = pydicom.Dataset()
+        inner.RowPositionInTotalImagePixelMatrix = position.RowPositionInTotalImagePixelMatrix
+        inner.ColumnPositionInTotalImagePixelMatrix = position.ColumnPositionInTotalImagePixelMatrix
+        del position.RowPositionInTotalImagePixelMatrix, position.ColumnPositionInTotalImagePixelMatrix
+        _private(position, 2, "SQ", pydicom.Sequence([inner]))
+
+
+@pytest.mark.parametrize("change, decoded", [
+    (_rows_of_top_tiles_shared, "truth"),
+    (_row_elsewhere_too, "truth"),
+    (_as_many_rows_but_not_one_per_frame, "truth"),
+    (_path_bytes_in_a_private_ob, "truth"),
+    (_path_in_a_private_sequence, "truth"),
+    (_path_in_a_source_image_item, "truth"),
+    (_positions_only_in_a_private_sequence, ImageReadError),
+    (_positions_in_a_second_plane_position_item, "stacked"),
+    (_positions_nested_in_the_plane_position, ImageReadError),
+    ("big_endian", "truth"),
 ])
-def test_scan_refuses_what_it_cannot_be_sure_of(tmp_path, change, options, monkeypatch):
-    truth = build_slide(tmp_path / "slide", **dict(SPARSE, **options))
+def test_scan_refuses_what_it_cannot_be_sure_of(tmp_path, change, decoded, monkeypatch):
+    truth = build_slide(tmp_path / "slide", **SPARSE)
     files = truth.volume_files[0]
     if change == "big_endian":
         _resave(files[0], pydicom.uid.ExplicitVRBigEndian)
     else:
         _edit(files[0], change)
     assert slide_io._scanned_frame_positions(_parts(files)) is None
-    if change is _z_not_a_number:  # pydicom's decoding then refuses it too
-        with pytest.raises(TypeError):
-            slide_io._frame_positions(_parts(files), "slide")
+    if decoded is ImageReadError:  # pydicom's decoding has no position for a frame: refused, not guessed
+        with pytest.raises(ImageReadError, match="has no tile position"):
+            read_slide(truth.folder)
         return
-    assert np.array_equal(slide_io._sparse_tiles(_parts(files), "slide"), _decoded_tiles(files, monkeypatch))
+    tiles = slide_io._sparse_tiles(_parts(files), "slide")
+    assert np.array_equal(tiles, _decoded_tiles(files, monkeypatch))
+    if decoded == "truth":
+        assert np.array_equal(read_slide(truth.folder).pixels, truth.levels[0])
+    else:  # every frame at the shared position (1, 1): one tile, the first frame
+        assert tiles.tolist() == [[0, 0, 0]]
+
+
+def _un_bytes(path, vr: bytes, length: bytes) -> None:
+    """Every per-frame Optical Path Identifier rewritten in place with VR ``vr`` (UN or LO, as archives whose
+    dictionary lacks the tag write it), lengths of the enclosing sequences kept right."""
+    ds = pydicom.dcmread(path)
+    for element in ds.iterall():
+        if element.VR == "SQ":
+            element.is_undefined_length = element.tag != 0x52009230
+            for item in element.value:
+                item.is_undefined_length_sequence_item = True
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    start = data.index(b"\x00\x52\x30\x92SQ\x00\x00") + 12
+    end = start + int.from_bytes(data[start - 4:start], "little")
+    body = data[start:end].replace(b"\x48\x00\x06\x01SH\x02\x00", b"\x48\x00\x06\x01" + vr + length)
+    path.write_bytes(data[:start - 4] + len(body).to_bytes(4, "little") + body + data[end:])
+
+
+@pytest.mark.parametrize("vr, length", [(b"SH", b"\x02\x00"), (b"LO", b"\x02\x00"),
+                                        (b"UN", b"\x00\x00\x02\x00\x00\x00")])
+def test_per_frame_paths_of_any_vr_are_decoded_by_pydicom(tmp_path, vr, length):
+    """Two optical paths per tile, the frames naming theirs; path 2 (the inverted image) first."""
+    truth = build_slide(tmp_path / "slide", **SPARSE)
+    path = truth.volume_files[0][0]
+    _edit(path, _per_frame_paths)
+    _un_bytes(path, vr, length)
+    assert pydicom.dcmread(path).PerFrameFunctionalGroupsSequence[0].OpticalPathIdentificationSequence[0] \
+        .OpticalPathIdentifier == "2"
+    assert slide_io._scanned_frame_positions(_parts([path])) is None
     assert np.array_equal(read_slide(truth.folder).pixels, truth.levels[0])
+
+
+@pytest.mark.parametrize("identifier", [b"1 ", b"1\x00", b" 1", b"\x1b(B1 ", b"1\\2 "])
+def test_per_frame_path_identifiers_of_any_form_are_decoded_by_pydicom(tmp_path, identifier):
+    truth = build_slide(tmp_path / "slide", **SPARSE)
+
+    def path_one(ds):
+        for group in ds.PerFrameFunctionalGroupsSequence:
+            item = pydicom.Dataset()
+            item.add_new(0x00480106, "SH", identifier)
+            group.OpticalPathIdentificationSequence = pydicom.Sequence([item])
+    _edit(truth.volume_files[0][0], path_one)
+    assert slide_io._scanned_frame_positions(_parts(truth.volume_files[0])) is None
 
 
 def test_scan_refuses_per_frame_groups_already_decoded(scanned_slides):
@@ -689,31 +814,75 @@ def test_scan_refuses_per_frame_groups_already_decoded(scanned_slides):
     assert slide_io._scanned_frame_positions(parts) is None
 
 
-def test_a_level_read_again_is_not_parsed_again(tmp_path, monkeypatch):
-    monkeypatch.setattr(slide_io, "_tiles_cache", OrderedDict())
-    parsed = []
-    parse = slide_io._sparse_tiles
-    monkeypatch.setattr(slide_io, "_sparse_tiles", lambda parts, name: parsed.append(name) or parse(parts, name))
+@pytest.fixture
+def scans(monkeypatch):
+    """Calls of the byte scan, with an empty cache of scanned positions."""
+    monkeypatch.setattr(slide_positions, "_kept", OrderedDict())
+    calls = []
+    scan = slide_positions._scan
+    monkeypatch.setattr(slide_positions, "_scan", lambda *args: calls.append(1) or scan(*args))
+    return calls
+
+
+def test_a_level_read_again_is_not_scanned_again(tmp_path, scans, monkeypatch):
     truth = build_slide(tmp_path / "slide", **SPARSE)
     first = read_slide(truth.folder)
     assert np.array_equal(read_slide(truth.folder, SlideSelection(region=(0, 0, 300, 300))).pixels,
                           first.pixels[:300, :300])
-    assert len(parsed) == 1
-    _edit(truth.volume_files[0][0], _without_top_left_tile_positions)  # a changed file is parsed again
-    assert (read_slide(truth.folder).pixels[:256, :256] == slide_io.BACKGROUND).all() and len(parsed) == 2
     path = truth.volume_files[0][0]
-    for _ in range(2):  # in memory: the same SOP instance with the same per-frame groups as read
-        read_slide(pydicom.dcmread(path))
-    assert len(parsed) == 3
+    read_slide(pydicom.dcmread(path))  # in memory: the same per-frame bytes
+    assert len(scans) == 1
+    _edit(path, _without_top_left_tile_positions)  # changed bytes are scanned again
+    assert (read_slide(truth.folder).pixels[:256, :256] == slide_io.BACKGROUND).all() and len(scans) == 2
     decoded = pydicom.dcmread(path)
     decoded.PerFrameFunctionalGroupsSequence[0].PlanePositionSlideSequence[0].RowPositionInTotalImagePixelMatrix = 257
-    read_slide(decoded)
-    read_slide(decoded)  # decoded groups may have been edited: parsed every time
-    assert len(parsed) == 5
-    monkeypatch.setattr(slide_io, "_TILES_KEPT", 2)
+    read_slide(decoded)  # decoded (perhaps edited) groups: pydicom's values, nothing scanned or kept
+    assert len(scans) == 2 and len(slide_positions._kept) == 2
+    monkeypatch.setattr(slide_positions, "_KEPT", 2)
     for k in range(3):
-        read_slide(build_slide(tmp_path / f"other{k}", **SPARSE).folder)
-    assert len(slide_io._tiles_cache) == 2
+        read_slide(build_slide(tmp_path / f"other{k}", **dict(SPARSE, size=(600 + 256 * k, 500))).folder)
+    assert len(slide_positions._kept) == 2
+
+
+def test_a_file_rewritten_in_place_with_the_same_size_and_time_is_read_anew(tmp_path, scans):
+    truth = build_slide(tmp_path / "slide", **SPARSE)
+    path = truth.volume_files[0][0]
+    before = read_slide(truth.folder).pixels
+    stat = path.stat()
+
+    def swap_two_tiles(ds):
+        one, two = _positions(ds)[:2]
+        one.ColumnPositionInTotalImagePixelMatrix, two.ColumnPositionInTotalImagePixelMatrix = \
+            two.ColumnPositionInTotalImagePixelMatrix, one.ColumnPositionInTotalImagePixelMatrix
+    _edit(path, swap_two_tiles)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    after = read_slide(truth.folder).pixels
+    assert len(scans) == 2 and not np.array_equal(before, after)
+    assert np.array_equal(after, read_slide(pydicom.dcmread(path)).pixels)
+
+
+def test_the_frames_of_the_shared_path_are_chosen_on_every_read(tmp_path, scans):
+    """Two datasets with the same per-frame bytes, one whose shared groups name another optical path than
+    its Optical Path Sequence's first: that one shows none of its frames, as pydicom's decoding gives."""
+    truth = build_slide(tmp_path / "slide", **SPARSE)
+    path = truth.volume_files[0][0]
+    other = pydicom.dcmread(path)
+    other.SharedFunctionalGroupsSequence[0].OpticalPathIdentificationSequence[0].OpticalPathIdentifier = "2"
+    assert np.array_equal(read_slide(pydicom.dcmread(path)).pixels, truth.levels[0])
+    assert (read_slide(other).pixels == slide_io.BACKGROUND).all() and len(scans) == 1
+
+
+def test_scanned_positions_are_shared_safely_between_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(slide_positions, "_kept", OrderedDict())
+    monkeypatch.setattr(slide_positions, "_KEPT", 2)
+    truths = [build_slide(tmp_path / f"slide{k}", **dict(SPARSE, size=(600 + 256 * k, 500))) for k in range(4)]
+    expected = [slide_io._sparse_tiles(_parts(truth.volume_files[0]), "slide") for truth in truths]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda k: slide_io._sparse_tiles(_parts(truths[k % 4].volume_files[0]), "slide"),
+                            range(40)))
+    assert all(np.array_equal(tiles, expected[k % 4]) for k, tiles in enumerate(got))
+    assert len(slide_positions._kept) == 2
 
 
 def _without_top_left_tile_positions(ds) -> None:

@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import struct
-import zlib
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +27,7 @@ from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 from ..modeling.preprocessing import MAX_INPUT_PIXELS
 from .dicom_files import dicom_image_headers, read_dicom, slide_image_kind, slide_label_shown
 from .medical_image import MAX_DECLARED_BYTES, ImageReadError, MedicalImage
+from .slide_positions import scanned_positions
 from .voi import WindowArg, gray_to_rgb, grey_display, voi_attributes
 from .withheld import withhold_dicom_values
 
@@ -46,6 +43,7 @@ BACKGROUND = 255
 DARK_BACKGROUND = 0
 # Illumination Type codes (DCM) of light passing through the glass to the camera: transmission, brightfield.
 _LIGHT_THROUGH_GLASS = ("111741", "111744")
+_PER_FRAME_GROUPS = 0x52009230  # (5200,9230) Per-Frame Functional Groups Sequence
 
 
 def is_slide(ds: Dataset) -> bool:
@@ -266,7 +264,7 @@ def _level(parts: list[_Part], name: str) -> _Level:
     # positions when stated; TILED_FULL order when declared or when no frame has a position (older files leave
     # the type out): docs/medical-io.md "Whole-slide images"
     if organization == "TILED_SPARSE" or (organization != "TILED_FULL" and _has_frame_positions(parts)):
-        level.tiles = _cached_sparse_tiles(parts, name)
+        level.tiles = _sparse_tiles(parts, name)
     else:
         level.plane_frame = _full_plane_frame(level)
     return level
@@ -338,18 +336,28 @@ def _sparse_tiles(parts: list[_Part], name: str) -> np.ndarray:
     rows, cols, zs, frames = _scanned_frame_positions(parts) or _frame_positions(parts, name)
     if not len(frames):
         return np.zeros((0, 3), np.int64)
-    nearness = np.round(np.abs(zs), 9) if _focal_planes(parts[0].header) > 1 else np.zeros(len(zs))
-    order = np.lexsort((frames, nearness, cols, rows))  # by position, then nearness to Z 0, then frame
+    order = np.lexsort((frames, np.round(np.abs(zs), 9), cols, rows))  # by position, nearness to Z 0, frame
     _, first = np.unique(np.stack([rows[order], cols[order]], axis=1), axis=0, return_index=True)
     chosen = order[first]
     return np.stack([rows[chosen], cols[chosen], frames[chosen]], axis=1)
 
 
-def _frame_positions(parts: list[_Part], name: str) -> tuple[np.ndarray, ...]:
-    """Row, column (0-based), Z offset and level frame of every frame of the instance's first optical path."""
-    header = parts[0].header
+def _first_path(header: Dataset) -> str | None:
+    """The optical path whose frames are read (the Optical Path Sequence's first item); None when none is listed."""
     paths = header.get("OpticalPathSequence") or []
-    first_path = str(paths[0].get("OpticalPathIdentifier", "")) if paths else None
+    return str(paths[0].get("OpticalPathIdentifier", "")) if paths else None
+
+
+def _on_path(path, first_path: str | None) -> bool:
+    """Whether a frame of optical path ``path`` (None: not stated) is read."""
+    return first_path is None or path is None or str(path) == first_path
+
+
+def _frame_positions(parts: list[_Part], name: str) -> tuple[np.ndarray, ...]:
+    """Row, column (0-based), Z offset (0 where the level has one focal plane: not read) and level frame of every
+    frame of the instance's first optical path, from pydicom's decoding of the per-frame groups."""
+    header = parts[0].header
+    first_path, want_z = _first_path(header), _focal_planes(header) > 1
     shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
     rows, cols, zs, frames = [], [], [], []
     for part in parts:
@@ -358,8 +366,8 @@ def _frame_positions(parts: list[_Part], name: str) -> tuple[np.ndarray, ...]:
             raise ImageReadError(f"{name}: a level of per-frame tile positions without a position for each of "
                                  "its frames")
         for i, group in enumerate(groups):
-            path = _frame_value(group, shared, "OpticalPathIdentificationSequence", "OpticalPathIdentifier")
-            if first_path is not None and path is not None and str(path) != first_path:
+            if not _on_path(_frame_value(group, shared, "OpticalPathIdentificationSequence",
+                                         "OpticalPathIdentifier"), first_path):
                 continue
             row = _frame_value(group, shared, "PlanePositionSlideSequence", "RowPositionInTotalImagePixelMatrix")
             col = _frame_value(group, shared, "PlanePositionSlideSequence", "ColumnPositionInTotalImagePixelMatrix")
@@ -368,216 +376,37 @@ def _frame_positions(parts: list[_Part], name: str) -> tuple[np.ndarray, ...]:
             z = _frame_value(group, shared, "PlanePositionSlideSequence", "ZOffsetInSlideCoordinateSystem")
             rows.append(int(row) - 1)
             cols.append(int(col) - 1)
-            zs.append(float(z) if z is not None else 0.0)
+            zs.append(float(z) if want_z and z is not None else 0.0)
             frames.append(part.offset + i)
     return (np.asarray(rows, np.int64), np.asarray(cols, np.int64), np.asarray(zs, np.float64),
             np.asarray(frames, np.int64))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Tile positions scanned from the undecoded per-frame groups (docs/medical-io.md "Whole-slide images": a 40x
-# level has ~100,000 frames, which pydicom takes seconds to decode); used only where it equals _frame_positions
-
-_PER_FRAME_GROUPS = 0x52009230
-# Little-endian tags: (0048,021F) Row / (0048,021E) Column Position In Total Image Pixel Matrix (SL), (0040,074A)
-# Z Offset In Slide Coordinate System (DS), (0048,0106) Optical Path Identifier (SH)
-_ROW_TAG, _COLUMN_TAG = b"\x48\x00\x1f\x02", b"\x48\x00\x1e\x02"
-_Z_TAG, _PATH_TAG = b"\x40\x00\x4a\x07", b"\x48\x00\x06\x01"
-_ITEM, _ITEM_END, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
-_UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
-
-
 def _scanned_frame_positions(parts: list[_Part]) -> tuple[np.ndarray, ...] | None:
-    """What ``_frame_positions`` gives, scanned from the bytes of every part's Per-Frame Functional Groups as
-    read; None (decode them instead) unless each frame states its own row and column (and Z where there are
-    several focal planes) once, and its optical path once or never, all parseable."""
+    """What ``_frame_positions`` gives, with the positions scanned from the undecoded per-frame bytes
+    (``slide_positions.py``), in the one common layout where that is provably the same: one focal plane and no
+    per-frame optical path; None (pydicom decodes them) for anything else, so uncommon layouts trade speed for
+    safety (docs/medical-io.md "Whole-slide images"). Frames are selected here on every call, never kept."""
     header = parts[0].header
-    paths = header.get("OpticalPathSequence") or []
-    first_path = str(paths[0].get("OpticalPathIdentifier", "")) if paths else None
-    shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
-    shared_path = _frame_value(Dataset(), shared, "OpticalPathIdentificationSequence", "OpticalPathIdentifier")
-    want_z = _focal_planes(header) > 1
-    found: list[list[np.ndarray]] = [[], [], [], []]
+    if _focal_planes(header) > 1:
+        return None
+    scanned = []
     for part in parts:
-        scanned = _scan_part(part, want_z)
-        if scanned is None:
+        raw = part.header.get_item(_PER_FRAME_GROUPS, keep_deferred=True)
+        if not (isinstance(raw, RawDataElement) and raw.is_little_endian and isinstance(raw.value, bytes)):
+            return None  # decoded already (perhaps edited since), deferred, or big endian
+        positions = scanned_positions(raw.value, bool(raw.is_implicit_VR), part.frames)
+        if positions is None:
             return None
-        rows, cols, zs, frame_paths = scanned
-        if frame_paths is None:
-            frame_paths = [None if shared_path is None else str(shared_path)] * part.frames
-        keep = np.array([first_path is None or path is None or path == first_path for path in frame_paths], bool)
-        for out, values in zip(found, (rows - 1, cols - 1, zs, part.offset + np.arange(part.frames))):
-            out.append(values[keep])
-    return tuple(np.concatenate(values).astype(dtype) if values else np.zeros(0, dtype)
-                 for values, dtype in zip(found, (np.int64, np.int64, np.float64, np.int64)))
+        scanned.append((*positions, part.offset + np.arange(part.frames, dtype=np.int64)))
+    shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    # no frame states its own optical path: each is the shared groups' (if any)
+    path = _frame_value(Dataset(), shared, "OpticalPathIdentificationSequence", "OpticalPathIdentifier")
+    keep = _on_path(path, _first_path(header))
+    rows, cols, frames = (np.concatenate([part[k] for part in scanned]) if keep else np.zeros(0, np.int64)
+                          for k in range(3))
+    return rows - 1, cols - 1, np.zeros(len(frames), np.float64), frames
 
-
-def _scan_part(part: _Part, want_z: bool) -> tuple | None:
-    """Row, column (1-based), Z (0 unless ``want_z``) and optical path (None when no frame states one) of each
-    frame of one instance, or None where the scan cannot be sure of them."""
-    raw = part.header.get_item(_PER_FRAME_GROUPS, keep_deferred=True)
-    if not (isinstance(raw, RawDataElement) and raw.is_little_endian and isinstance(raw.value, bytes)):
-        return None  # decoded already (perhaps edited since), deferred, or big endian
-    data, implicit = raw.value, bool(raw.is_implicit_VR)
-    spans = _item_spans(data, implicit)
-    if spans is None or len(spans[0]) != part.frames:
-        return None
-    rows = _fixed_values(data, _ROW_TAG, implicit, spans)
-    cols = _fixed_values(data, _COLUMN_TAG, implicit, spans)
-    zs: np.ndarray | None = np.zeros(part.frames)
-    if want_z:
-        texts = _text_values(data, _Z_TAG, b"DS", implicit, spans)
-        zs = None if texts is None else _decimals(texts)
-    paths = _text_values(data, _PATH_TAG, b"SH", implicit, spans, optional=True)
-    if rows is None or cols is None or zs is None or paths is False:
-        return None
-    return rows, cols, zs, paths
-
-
-def _item_spans(data: bytes, implicit: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """Start and end offsets of the contents of each item of a sequence's bytes; None when malformed."""
-    starts, ends, pos = [], [], 0
-    try:
-        while pos < len(data):
-            group, element, length = struct.unpack_from("<HHL", data, pos)
-            if (group, element) == _SEQUENCE_END:
-                break
-            if (group, element) != _ITEM:
-                return None
-            start = pos + 8
-            end = _item_end(data, start, implicit) if length == _UNDEFINED else start + length
-            starts.append(start)
-            ends.append(end)
-            pos = end + 8 if length == _UNDEFINED else end
-    except (struct.error, ValueError, RecursionError):
-        return None
-    if pos > len(data):
-        return None
-    return np.asarray(starts, np.int64), np.asarray(ends, np.int64)
-
-
-def _item_end(data: bytes, pos: int, implicit: bool) -> int:
-    """Offset of the delimiter closing an undefined-length item whose elements start at ``pos``."""
-    while True:
-        group, element = struct.unpack_from("<HH", data, pos)
-        if (group, element) == _ITEM_END:
-            return pos
-        vr = None if implicit else data[pos + 4:pos + 6]
-        if vr is None or vr in _LONG_VRS:
-            (length,), pos = struct.unpack_from("<L", data, pos + (4 if implicit else 8)), pos + (8 if implicit else 12)
-        else:
-            (length,), pos = struct.unpack_from("<H", data, pos + 6), pos + 8
-        if length != _UNDEFINED:
-            pos += length
-        elif vr in (None, b"SQ"):
-            pos = _sequence_end(data, pos, implicit)
-        else:
-            raise ValueError("undefined length outside a sequence")
-
-
-def _sequence_end(data: bytes, pos: int, implicit: bool) -> int:
-    """Offset after the delimiter of an undefined-length sequence whose items start at ``pos``."""
-    while True:
-        group, element, length = struct.unpack_from("<HHL", data, pos)
-        pos += 8
-        if (group, element) == _SEQUENCE_END:
-            return pos
-        if (group, element) != _ITEM:
-            raise ValueError("not an item")
-        pos = pos + length if length != _UNDEFINED else _item_end(data, pos, implicit) + 8
-
-
-def _owned_once(offsets: np.ndarray, value_ends: np.ndarray, spans: tuple[np.ndarray, np.ndarray]) -> bool:
-    """Whether the elements at ``offsets`` (ascending) are one in each item, wholly inside it."""
-    starts, ends = spans
-    if len(offsets) != len(starts):
-        return False
-    return bool(np.all(offsets >= starts) and np.all(value_ends <= ends))
-
-
-def _fixed_values(data: bytes, tag: bytes, implicit: bool, spans) -> np.ndarray | None:
-    """The SL value of element ``tag`` in each item, or None unless every item has exactly one."""
-    header = tag + (b"\x04\x00\x00\x00" if implicit else b"SL\x04\x00")
-    offsets = np.fromiter((m.start() for m in re.finditer(re.escape(header), data)), np.int64)
-    if not _owned_once(offsets, offsets + len(header) + 4, spans):
-        return None
-    value_bytes = np.frombuffer(data, np.uint8)[(offsets + len(header))[:, None] + np.arange(4)]
-    return np.ascontiguousarray(value_bytes).view("<i4").ravel().astype(np.int64)
-
-
-def _text_values(data: bytes, tag: bytes, vr: bytes, implicit: bool, spans, optional: bool = False):
-    """The single-valued ASCII text of element ``tag`` in each item, trailing padding removed as pydicom does;
-    with ``optional``, None when no item has one. False (optional) or None otherwise where it cannot be sure."""
-    refused = False if optional else None
-    header_size = 8
-    offsets, values = [], []
-    for match in re.finditer(re.escape(tag + (b"" if implicit else vr)), data):
-        at = match.start()
-        length = int.from_bytes(data[at + 4:at + 8] if implicit else data[at + 6:at + 8], "little")
-        offsets.append(at)
-        values.append(data[at + header_size:at + header_size + length])
-    if optional and not offsets:
-        return None
-    lengths = np.asarray([len(v) for v in values], np.int64)
-    offsets_array = np.asarray(offsets, np.int64)
-    if not _owned_once(offsets_array, offsets_array + header_size + lengths, spans):
-        return refused
-    texts = [value.rstrip(b"\x00 ") for value in values]
-    if any(b"\\" in text or not text.isascii() for text in texts):
-        return refused
-    return [text.decode("ascii") for text in texts]
-
-
-def _decimals(texts: list[str]) -> np.ndarray | None:
-    """DS values as pydicom reads them, or None when one is empty or not a number."""
-    try:
-        return np.asarray([float(text) for text in texts], np.float64)
-    except ValueError:
-        return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Parsed levels kept per process: a slide is read once per task selection (docs/performance.md)
-
-_TILES_KEPT = 16  # levels; a 40x level's tile array is ~3 MB
-_tiles_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
-
-
-def _cached_sparse_tiles(parts: list[_Part], name: str) -> np.ndarray:
-    """``_sparse_tiles``, kept for a level read before: same files (path, size, modification time) or, in
-    memory, same SOP Instance UIDs with the same per-frame groups as read (a dataset whose groups were decoded,
-    and so perhaps edited, is not kept)."""
-    key = _tiles_key(parts)
-    if key is not None and key in _tiles_cache:
-        _tiles_cache.move_to_end(key)
-        return _tiles_cache[key]
-    tiles = _sparse_tiles(parts, name)
-    if key is not None:
-        tiles.setflags(write=False)
-        _tiles_cache[key] = tiles
-        while len(_tiles_cache) > _TILES_KEPT:
-            _tiles_cache.popitem(last=False)
-    return tiles
-
-
-def _tiles_key(parts: list[_Part]) -> tuple | None:
-    header = parts[0].header
-    key: list = [_focal_planes(header), _optical_path(header)]
-    for part in parts:
-        if isinstance(part.source, Path):
-            try:
-                stat = part.source.stat()
-            except OSError:
-                return None
-            key.append((str(part.source.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino))
-        else:
-            raw = part.header.get_item(_PER_FRAME_GROUPS, keep_deferred=True)
-            if not isinstance(raw, RawDataElement) or raw.value is None:
-                return None
-            key.append((str(part.header.get("SOPInstanceUID", "")), len(raw.value), zlib.crc32(raw.value)))
-        key.append((part.offset, part.frames))
-    return tuple(key)
 
 
 # ----------------------------------------------------------------------------------------------------------
